@@ -1,0 +1,19 @@
+"""lora_jax: LoRA as a pure parameter-tree transform, executed factored; LoRA-Pro as optax."""
+
+from lora_jax._wrap import LoRAMaterializationError, LoRAMaterializationWarning, wrap
+from lora_jax.adapt import apply, default_roles
+from lora_jax.node import LoRA, is_lora
+from lora_jax.tree import combine, merge, split
+
+__all__ = [
+    "LoRA",
+    "LoRAMaterializationError",
+    "LoRAMaterializationWarning",
+    "apply",
+    "combine",
+    "default_roles",
+    "is_lora",
+    "merge",
+    "split",
+    "wrap",
+]

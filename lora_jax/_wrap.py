@@ -1,0 +1,299 @@
+"""`wrap`: run a function on trees holding `LoRA` nodes, with products executed factored.
+
+The engine is `quax` (a maintained custom-interpreter library): `LoRA` is a `quax.ArrayValue`, and
+the rules below say how primitives act on it. Higher-order primitives (jit, scan, while, cond) are
+quax's own; `remat` is added here. Every primitive without a rule materialises ``w + scale·a@b``
+with a `LoRAMaterializationWarning` naming the primitive, or raises under ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import string
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+import quax
+from jax import lax
+from jax._src.ad_checkpoint import remat_p
+from jaxtyping import ArrayLike
+
+from lora_jax.node import LoRA, merge_node
+
+
+class LoRAMaterializationWarning(UserWarning):
+    """A LoRA weight was materialised (``w + scale·a@b``) because no factored rule applies."""
+
+
+class LoRAMaterializationError(TypeError):
+    """Raised instead of `LoRAMaterializationWarning` under ``wrap(fn, strict=True)``."""
+
+
+_STRICT = contextvars.ContextVar("lora_jax_strict", default=False)
+_DROPOUT = contextvars.ContextVar("lora_jax_dropout", default=None)  # [key, counter] or None
+
+
+def on_materialise(node: LoRA, primitive: str | None) -> None:
+    what = f"primitive {primitive!r}" if primitive else "an operation"
+    msg = (f"LoRA weight of shape {tuple(node.w.shape)} (roles {node.roles!r}) is materialised for "
+           f"{what}, which has no factored rule: this forms the full weight and its gradient.")
+    if _STRICT.get():
+        raise LoRAMaterializationError(msg + " (strict=True)")
+    warnings.warn(msg, LoRAMaterializationWarning, stacklevel=2)
+
+
+def _materialise(x):
+    if isinstance(x, LoRA):
+        return merge_node(x)
+    return x
+
+
+def wrap(fn: Callable, *, strict: bool = False) -> Callable:
+    """`fn`, accepting `LoRA` nodes wherever it accepted arrays.
+
+    Products with a `LoRA` operand (`dot_general` with any batch/contracting dims, hence `@`,
+    `einsum`, Flax `Dense`/`DenseGeneral`/`Einsum`; `conv_general_dilated`; embedding lookups by
+    `gather`) run as ``x@w + scale·(x@a)@b``: ``w + scale·a@b`` is never formed and, with `w`
+    frozen, no gradient of `w`'s size exists. `jit`, `scan`, `while_loop`, `cond` and
+    `checkpoint`/`remat` are traced through. Any other use of a LoRA operand materialises it with a
+    `LoRAMaterializationWarning` naming the primitive; with ``strict=True`` it raises
+    `LoRAMaterializationError` instead.
+
+    The wrapped function takes one extra keyword, ``lora_dropout_key``: when given, each LoRA
+    with ``dropout > 0`` drops its adapter input (PEFT's ``lora_dropout``) using a key folded from
+    it; when omitted, no dropout is applied (evaluation). Inside `scan` bodies the layers of one
+    call share a mask, since the body is traced once.
+    """
+    quaxified = quax.quaxify(fn)
+
+    @functools.wraps(fn)
+    def wrapped(*args, lora_dropout_key=None, **kwargs):
+        strict_token = _STRICT.set(strict)
+        drop_token = _DROPOUT.set(None if lora_dropout_key is None else [lora_dropout_key, 0])
+        try:
+            return quaxified(*args, **kwargs)
+        finally:
+            _STRICT.reset(strict_token)
+            _DROPOUT.reset(drop_token)
+
+    return wrapped
+
+
+def _default(primitive, values, params):
+    for v in values:
+        if isinstance(v, LoRA):
+            on_materialise(v, str(primitive))
+    return primitive.bind(*[_materialise(v) for v in values], **params)
+
+
+LoRA.default = staticmethod(_default)
+
+
+def _dropout(x, node: LoRA):
+    state = _DROPOUT.get()
+    if state is None or node.dropout == 0.0:
+        return x
+    key = jax.random.fold_in(state[0], state[1])
+    state[1] += 1
+    keep = jax.random.bernoulli(key, 1.0 - node.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - node.dropout), 0).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- dot_general
+
+
+def _letters():
+    return iter(string.ascii_letters)
+
+
+def _factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_is_rhs, params):
+    """``scale·(x@a)@b`` (or via bᵀ, aᵀ) laid out as ``dot_general(x, w)`` would be, or None."""
+    nb = node.num_batch_axes
+    roles = node.roles
+    contracted = set(l_contract)
+    if any(d < nb for d in contracted) or any(d >= nb for d in l_batch):
+        return None
+    ins = {nb + k for k, role in enumerate(roles) if role == "i"}
+    outs = {nb + k for k, role in enumerate(roles) if role == "o"}
+    if contracted == ins:
+        first, second_axes = "a", outs
+    elif contracted == outs:
+        first, second_axes = "b", ins
+    else:
+        return None
+
+    fresh = _letters()
+    x_spec = [next(fresh) for _ in range(x.ndim)]
+    w_spec = [None] * node.w.ndim
+    for xd, ld in zip(x_contract, l_contract):
+        w_spec[ld] = x_spec[xd]
+    for xd, ld in zip(x_batch, l_batch):
+        w_spec[ld] = x_spec[xd]
+    for d in range(node.w.ndim):
+        if w_spec[d] is None:
+            w_spec[d] = next(fresh)
+    r = next(fresh)
+
+    x_free = [x_spec[d] for d in range(x.ndim) if d not in x_contract and d not in x_batch]
+    l_free = [w_spec[d] for d in range(node.w.ndim) if d not in l_contract and d not in l_batch]
+    batch = [x_spec[d] for d in x_batch]
+    out_spec = batch + (x_free + l_free if lora_is_rhs else l_free + x_free)
+
+    lead = w_spec[:nb]
+    a_spec = lead + [w_spec[d] for d in sorted(ins)] + [r]
+    b_spec = lead + [r] + [w_spec[d] for d in sorted(outs)]
+    other = {w_spec[d] for d in second_axes}
+    t_spec = [c for c in out_spec if c not in other] + [r]
+    first_spec, first_arr = (a_spec, node.a) if first == "a" else (b_spec, node.b)
+    second_spec, second_arr = (b_spec, node.b) if first == "a" else (a_spec, node.a)
+
+    precision = params.get("precision")
+    j = "".join
+    t = jnp.einsum(f"{j(x_spec)},{j(first_spec)}->{j(t_spec)}", _dropout(x, node), first_arr,
+                   precision=precision)
+    t = t * jnp.asarray(node.scale, t.dtype)
+    return jnp.einsum(f"{j(t_spec)},{j(second_spec)}->{j(out_spec)}", t, second_arr,
+                      precision=precision)
+
+
+def _dot(lhs, rhs, params):
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    base = lax.dot_general_p.bind(_w(lhs), _w(rhs), **params)
+    if isinstance(rhs, LoRA):
+        delta = _factored_dot(lhs, rhs, lc, rc, lb, rb, True, params)
+    else:
+        delta = _factored_dot(rhs, lhs, rc, lc, rb, lb, False, params)
+    return base + delta.astype(base.dtype)
+
+
+def _w(x):
+    return x.w if isinstance(x, LoRA) else x
+
+
+def _dot_or_materialise(lhs, rhs, params):
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    node = rhs if isinstance(rhs, LoRA) else lhs
+    ok = (_factored_dot_applies(node, rc if node is rhs else lc, rb if node is rhs else lb))
+    if not ok:
+        return _default(lax.dot_general_p, (lhs, rhs), params)
+    return _dot(lhs, rhs, params)
+
+
+def _factored_dot_applies(node: LoRA, l_contract, l_batch) -> bool:
+    nb = node.num_batch_axes
+    contracted = set(l_contract)
+    if any(d < nb for d in contracted) or any(d >= nb for d in l_batch):
+        return False
+    ins = {nb + k for k, role in enumerate(node.roles) if role == "i"}
+    outs = {nb + k for k, role in enumerate(node.roles) if role == "o"}
+    return contracted in (ins, outs)
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: ArrayLike, rhs: LoRA, **params):
+    return _dot_or_materialise(lhs, rhs, params)
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: LoRA, rhs: ArrayLike, **params):
+    return _dot_or_materialise(lhs, rhs, params)
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: LoRA, rhs: LoRA, **params):
+    on_materialise(lhs, "dot_general (both operands LoRA)")
+    return _dot_or_materialise(merge_node(lhs), rhs, params)
+
+
+# ----------------------------------------------------------------------------- conv
+
+
+@quax.register(lax.conv_general_dilated_p)
+def _(lhs: ArrayLike, rhs: LoRA, **params):
+    dn = params["dimension_numbers"]
+    out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]
+    expected = "".join("o" if d == out_dim else "i" for d in range(rhs.w.ndim))
+    if (rhs.num_batch_axes or rhs.roles != expected or params["feature_group_count"] != 1
+            or params["batch_group_count"] != 1):
+        return _default(lax.conv_general_dilated_p, (lhs, rhs), params)
+    base = lax.conv_general_dilated_p.bind(lhs, rhs.w, **params)
+    dtype = jnp.promote_types(lhs.dtype, rhs.a.dtype)
+    a_kernel = jnp.moveaxis(rhs.a, -1, out_dim).astype(dtype)  # a conv to r channels
+    t = lax.conv_general_dilated_p.bind(_dropout(lhs, rhs).astype(dtype), a_kernel,
+                                        **{**params, "preferred_element_type": None})
+    feature = dn.out_spec[1]
+    t = jnp.moveaxis(t, feature, -1) * jnp.asarray(rhs.scale, dtype)
+    delta = jnp.moveaxis(jnp.tensordot(t, rhs.b.astype(dtype), axes=1,
+                                       precision=params.get("precision")), -1, feature)
+    return base + delta.astype(base.dtype)
+
+
+# ----------------------------------------------------------------------------- gather
+
+
+@quax.register(lax.gather_p)
+def _(operand: LoRA, indices: ArrayLike, **params):
+    """Embedding lookup ``table[ids]`` with table roles "io": ``w[ids] + scale·a[ids]@b``."""
+    dn = params["dimension_numbers"]
+    sizes = params["slice_sizes"]
+    w = operand.w
+    if not (operand.num_batch_axes == 0 and operand.roles == "io" and tuple(dn.collapsed_slice_dims) == (0,)
+            and tuple(dn.start_index_map) == (0,) and not dn.operand_batching_dims
+            and tuple(sizes) == (1, w.shape[1]) and len(dn.offset_dims) == 1):
+        return _default(lax.gather_p, (operand, indices), params)
+    base = lax.gather_p.bind(w, indices, **params)
+    t = lax.gather_p.bind(operand.a, indices, **{**params, "slice_sizes": (1, operand.rank)})
+    axis = dn.offset_dims[0]
+    t = jnp.moveaxis(t, axis, -1) * jnp.asarray(operand.scale, t.dtype)
+    delta = jnp.moveaxis(t @ operand.b, -1, axis)
+    return base + delta.astype(base.dtype)
+
+
+# ----------------------------------------------------------------------------- layout-only ops
+
+
+@quax.register(lax.convert_element_type_p)
+def _(x: LoRA, **params):
+    """A dtype cast of the weight (Flax's `promote_dtype`) keeps the node factored."""
+    return LoRA(w=lax.convert_element_type_p.bind(x.w, **params), a=x.a, b=x.b,
+                scale=x.scale, roles=x.roles, dropout=x.dropout)
+
+
+@quax.register(lax.transpose_p)
+def _(x: LoRA, *, permutation):
+    nb = x.num_batch_axes
+    perm = tuple(permutation)
+    if perm[:nb] != tuple(range(nb)):
+        return _default(lax.transpose_p, (x,), {"permutation": permutation})
+    tail = [p - nb for p in perm[nb:]]
+    roles = "".join(x.roles[p] for p in tail)
+    old_ins = [k for k, role in enumerate(x.roles) if role == "i"]
+    old_outs = [k for k, role in enumerate(x.roles) if role == "o"]
+    new_ins = [p for p in tail if x.roles[p] == "i"]
+    new_outs = [p for p in tail if x.roles[p] == "o"]
+    a_perm = list(range(nb)) + [nb + old_ins.index(p) for p in new_ins] + [x.a.ndim - 1]
+    b_perm = list(range(nb + 1)) + [nb + 1 + old_outs.index(p) for p in new_outs]
+    return LoRA(w=jnp.transpose(x.w, perm), a=jnp.transpose(x.a, a_perm),
+                b=jnp.transpose(x.b, b_perm), scale=x.scale, roles=roles, dropout=x.dropout)
+
+
+# ----------------------------------------------------------------------------- remat
+
+
+@quax.register(remat_p)
+def _(*args: ArrayLike | quax.ArrayValue, jaxpr, prevent_cse, differentiated, policy):
+    """Re-trace the checkpointed body with LoRA-aware rules, then checkpoint that."""
+    del differentiated
+    closed = jaxpr if isinstance(jaxpr, jex.ClosedJaxpr) else jex.ClosedJaxpr(jaxpr, ())
+    body = jex.jaxpr_as_fun(closed)
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+
+    def flat_body(*flat):
+        return quax.quaxify(body)(*jax.tree_util.tree_unflatten(treedef, flat))
+
+    return jax.checkpoint(flat_body, prevent_cse=prevent_cse, policy=policy)(*leaves)

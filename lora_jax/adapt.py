@@ -1,0 +1,184 @@
+"""`apply`: turn targeted kernels of a parameter tree into `LoRA` nodes."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.node import LoRA, factor_shapes, fan_in_out, is_lora
+from lora_jax.paths import Selector, compile_selector, flatten_with_paths, lookup_pattern
+
+INITS = ("lora", "gaussian", "pissa", "olora")
+
+_EMBEDDING = re.compile(r"(?i)(embed|embedding|wte|wpe)")
+_CONV = re.compile(r"(?i)conv")
+_ATTN_IN = re.compile(r"(?i)^(query|key|value)$")
+_ATTN_OUT = re.compile(r"(?i)^(out|attention_out)$")
+
+
+def default_roles(path: str, shape) -> str:
+    """Axis roles when `layout` says nothing (see `lora_jax.node` for what roles mean).
+
+    * a conv kernel (a path component containing "conv"): every axis but the last is an input
+      axis (spatial and input channels), the last the output channels;
+    * a multi-head attention DenseGeneral kernel (module named query/key/value, as in Flax Linen's
+      and NNX's attention): ``"ioo"`` (d_model → heads, head_dim); module named out: ``"iio"``;
+      one more leading axis is a stacked (scanned) layer axis;
+    * otherwise the last two axes are (in, out) and any leading axes are batch (stacked layers).
+    Pass `layout` to `apply` for anything else.
+    """
+    parts = path.split("/")
+    module = parts[-2] if len(parts) >= 2 else ""
+    ndim = len(shape)
+    if any(_CONV.search(p) for p in parts[:-1]) and ndim >= 3:
+        return "i" * (ndim - 1) + "o"
+    if ndim >= 3 and _ATTN_IN.match(module):
+        return "ioo"
+    if ndim >= 3 and _ATTN_OUT.match(module):
+        return "iio"
+    return "io"
+
+
+def _check_roles(roles: str, shape, path: str) -> str:
+    if not isinstance(roles, str) or set(roles) - {"i", "o"} or "i" not in roles or "o" not in roles:
+        raise ValueError(f"layout for {path!r} must be a string of 'i'/'o' with at least one of each, "
+                         f"got {roles!r}")
+    if len(roles) > len(shape):
+        raise ValueError(f"layout {roles!r} for {path!r} has more axes than its kernel {tuple(shape)}")
+    return roles
+
+
+def _is_float_array(leaf) -> bool:
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def _default_target(path: str, leaf) -> bool:
+    return _is_float_array(leaf) and np.ndim(leaf) >= 2 and not _EMBEDDING.search(path)
+
+
+def apply(
+    params,
+    rank: int = 8,
+    *,
+    alpha: float | None = None,
+    targets: Selector = None,
+    exclude: Selector = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    layout: dict[str, str] | None = None,
+    rslora: bool = False,
+    init: str = "lora",
+    dropout: float = 0.0,
+    adapter_dtype=jnp.float32,
+    key: jax.Array | None = None,
+):
+    """Return `params` with each targeted kernel replaced by a `LoRA` node.
+
+    Args:
+      params: any pytree of arrays (Linen params, an NNX `State`, an Equinox module).
+      rank: adapter rank r (overridden per path by `rank_pattern`).
+      alpha: LoRA alpha; ``scale = alpha / r`` (``alpha / sqrt(r)`` with `rslora`). Defaults to `rank`.
+      targets: regex (``re.search`` on the '/'-joined key path), list of regexes, or predicate
+        ``(path, leaf) -> bool``. Default: every float leaf of ndim ≥ 2 whose path does not look like
+        an embedding table (embed/embedding/wte/wpe).
+      exclude: same forms; removes paths from `targets`.
+      rank_pattern, alpha_pattern: ``{regex: value}``, first match wins (as PEFT).
+      layout: ``{regex: roles}``: axis roles ("i"/"o") of the trailing kernel axes; leading axes
+        beyond are stacked batch axes. Default: `default_roles`.
+      init: "lora" (Kaiming-uniform `a`, zero `b`, PEFT's default), "gaussian" (a ~ N(0, 1/r²)·…,
+        zero `b`), "pissa" (the top-r singular directions of `w` move into `a`, `b`; `w` keeps the
+        residual) or "olora" (the first r columns of a QR factorisation, likewise).
+      dropout: LoRA dropout rate on the adapter's input (applied when `wrap`'s function is called
+        with ``lora_dropout_key=``).
+      adapter_dtype: dtype of `a` and `b` (float32 by default, also for bf16 weights).
+      key: PRNG key for the random inits; defaults to ``jax.random.key(0)``.
+
+    Every init starts the adapted model at the base model: exactly for "lora"/"gaussian", to
+    float rounding for "pissa"/"olora" (their residual is computed in float32 and cast to `w`'s dtype).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    explicit = targets is not None
+    select = compile_selector(targets, "targets") if explicit else _default_target
+    drop = compile_selector(exclude, "exclude")
+    key = jax.random.key(0) if key is None else key
+
+    leaves, treedef = flatten_with_paths(params, is_leaf=is_lora)
+    already = [p for p, leaf in leaves if is_lora(leaf)]
+    if already:
+        raise ValueError(f"params already hold LoRA nodes (e.g. {already[:3]}); merge them first")
+
+    chosen = [i for i, (p, leaf) in enumerate(leaves) if select(p, leaf) and not drop(p, leaf)]
+    if not chosen:
+        shown = [f"{p} {tuple(np.shape(leaf))}" for p, leaf in leaves if _is_float_array(leaf)][:12]
+        raise ValueError(f"targets {targets!r} matched no parameter (after exclude={exclude!r}). "
+                         f"Some available paths: {shown}")
+    bad = [f"{leaves[i][0]} {getattr(leaves[i][1], 'dtype', type(leaves[i][1]).__name__)}"
+           f"{tuple(np.shape(leaves[i][1]))}" for i in chosen
+           if not (_is_float_array(leaves[i][1]) and np.ndim(leaves[i][1]) >= 2)]
+    if bad:
+        raise ValueError(f"targets {targets!r} select leaves that cannot be adapted (LoRA needs a "
+                         f"float array of ndim >= 2): {bad}; narrow targets or add exclude")
+
+    out = [leaf for _, leaf in leaves]
+    for i in chosen:
+        path, w = leaves[i]
+        roles = lookup_pattern(layout, path, None) or default_roles(path, w.shape)
+        roles = _check_roles(roles, w.shape, path)
+        r = lookup_pattern(rank_pattern, path, rank)
+        fan_in, fan_out = fan_in_out(w.shape, roles)
+        if not isinstance(r, (int, np.integer)) or r <= 0 or r > min(fan_in, fan_out):
+            raise ValueError(f"rank {r!r} for {path!r} must be an int in [1, min(in, out)] = "
+                             f"[1, {min(fan_in, fan_out)}] (kernel {tuple(w.shape)}, roles {roles!r})")
+        a_alpha = lookup_pattern(alpha_pattern, path, r if alpha is None else alpha)
+        scale = float(a_alpha) / (math.sqrt(r) if rslora else r)
+        out[i] = _init_node(w, roles, int(r), scale, init, dropout, adapter_dtype,
+                            jax.random.fold_in(key, i))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _as_matrix(x, roles):
+    """(…batch, axes in w order) → (batch, I, O) with in axes first, and the inverse map."""
+    nb = x.ndim - len(roles)
+    ins = [nb + k for k, role in enumerate(roles) if role == "i"]
+    outs = [nb + k for k, role in enumerate(roles) if role == "o"]
+    perm = list(range(nb)) + ins + outs
+    batch = x.shape[:nb]
+    I = math.prod(x.shape[d] for d in ins)
+    O = math.prod(x.shape[d] for d in outs)
+    return jnp.transpose(x, perm).reshape((math.prod(batch), I, O))
+
+
+def _init_node(w, roles, r, scale, init, dropout, dtype, key):
+    a_shape, b_shape = factor_shapes(w.shape, roles, r)
+    fan_in, _ = fan_in_out(w.shape, roles)
+    if init in ("lora", "gaussian"):
+        if init == "lora":  # PEFT: kaiming_uniform_(a=sqrt(5)) on (r, in) → U(±1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+        else:  # PEFT's "gaussian": normal with std 1/r
+            a = jax.random.normal(key, a_shape, dtype) / r
+        return LoRA(w=w, a=a, b=jnp.zeros(b_shape, dtype), scale=scale, roles=roles, dropout=dropout)
+
+    m = _as_matrix(w.astype(jnp.float32), roles)  # (batch, I, O)
+    if init == "pissa":
+        u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+        root = jnp.sqrt(s[:, :r] / scale)
+        a_m = u[:, :, :r] * root[:, None, :]
+        b_m = root[:, :, None] * vt[:, :r, :]
+    else:  # olora: W = Kᵀ = Q R (PEFT's orientation); B = Q_r, A = R_r → a = R_rᵀ, b = Q_rᵀ
+        q, rr = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))
+        a_m = jnp.swapaxes(rr[:, :r, :], -1, -2)
+        b_m = jnp.swapaxes(q[:, :, :r], -1, -2)
+    a = a_m.reshape(a_shape).astype(dtype)
+    b = b_m.reshape(b_shape).astype(dtype)
+    node = LoRA(w=w, a=a, b=b, scale=scale, roles=roles, dropout=dropout)
+    residual = w.astype(jnp.float32) - node.delta(jnp.float32)
+    return LoRA(w=residual.astype(w.dtype), a=a, b=b, scale=scale, roles=roles, dropout=dropout)

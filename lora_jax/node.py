@@ -1,0 +1,112 @@
+"""The `LoRA` pytree node: a frozen weight plus a low-rank update, kept factored.
+
+Orientation (kernel orientation, as Flax stores kernels). Every axis of `w` has a role:
+
+* leading *batch* axes (e.g. the layer axis of a scan-stacked kernel), shared by `w`, `a`, `b`;
+* then one role per remaining axis, given by the static string `roles`: ``"i"`` (input, the axes
+  that `x` is contracted with in ``x @ w``) or ``"o"`` (output).
+
+With ``I`` the product of the input axes and ``O`` the product of the output axes,
+
+    a: (*batch, *in_axes, r)      b: (*batch, r, *out_axes)
+    w_eff = w + scale · a @ b     (contracting r; axes put back in `w`'s own order)
+
+So a Dense kernel (in, out) has ``roles="io"``, a scan-stacked one (L, in, out) the same ``roles``
+with one batch axis, a DenseGeneral query kernel (d_model, heads, head_dim) ``roles="ioo"``, its
+output kernel (heads, head_dim, d_model) ``roles="iio"``, and a conv kernel (kh, kw, c_in, c_out)
+``roles="iiio"`` (as PEFT: ``a`` is a conv to r channels, ``b`` a 1×1 conv).
+
+Because `roles` describes only the trailing axes, slicing a batch axis off (as `lax.scan` does) gives
+a valid node again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import quax
+
+
+class LoRA(quax.ArrayValue):
+    """A frozen weight `w` and trainable factors `a`, `b`; behaves like ``w + scale·a@b``.
+
+    Inside a function transformed by `lora_jax.wrap`, a `LoRA` acts as an array of `w`'s shape and
+    dtype. Products with it run factored; anything else materialises (with a warning).
+    """
+
+    w: Any
+    a: Any
+    b: Any
+    scale: float = eqx.field(static=True)
+    roles: str = eqx.field(static=True)
+    dropout: float = eqx.field(static=True, default=0.0)
+
+    def aval(self):
+        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    @property
+    def num_batch_axes(self) -> int:
+        return np.ndim(self.w) - len(self.roles)
+
+    def delta(self, dtype=jnp.float32):
+        """``scale · a @ b`` in `w`'s shape, computed in `dtype`."""
+        return _delta(self.a, self.b, self.scale, self.roles, self.num_batch_axes, dtype)
+
+    def materialise(self):
+        from lora_jax import _wrap  # the warning/strict policy lives with `wrap`
+
+        _wrap.on_materialise(self, None)
+        return merge_node(self)
+
+
+def merge_node(node: LoRA):
+    """``w + scale·a@b`` computed in float32 (or wider) and cast back to `w`'s dtype."""
+    compute = jnp.promote_types(jnp.float32, node.w.dtype)
+    return (node.w.astype(compute) + node.delta(compute)).astype(node.w.dtype)
+
+
+def axis_letters(roles: str, num_batch: int):
+    """Einsum letters for `w`, `a` and `b` of a node with these roles."""
+    letters = "ABCDEFGHIJKLMNOPQSTUVWXYZ"  # no R: r is the rank
+    w = letters[: num_batch + len(roles)]
+    batch = w[:num_batch]
+    ins = "".join(c for c, role in zip(w[num_batch:], roles) if role == "i")
+    outs = "".join(c for c, role in zip(w[num_batch:], roles) if role == "o")
+    return w, batch + ins + "R", batch + "R" + outs
+
+
+def _delta(a, b, scale, roles, num_batch, dtype):
+    w_spec, a_spec, b_spec = axis_letters(roles, num_batch)
+    ab = jnp.einsum(f"{a_spec},{b_spec}->{w_spec}", a.astype(dtype), b.astype(dtype),
+                    precision=jax.lax.Precision.HIGHEST)
+    return ab * jnp.asarray(scale, dtype)
+
+
+def factor_shapes(shape, roles: str, rank: int):
+    """Shapes of `a` and `b` for a weight of `shape` with these roles."""
+    nb = len(shape) - len(roles)
+    batch, tail = tuple(shape[:nb]), shape[nb:]
+    ins = tuple(d for d, role in zip(tail, roles) if role == "i")
+    outs = tuple(d for d, role in zip(tail, roles) if role == "o")
+    return batch + ins + (rank,), batch + (rank,) + outs
+
+
+def fan_in_out(shape, roles: str):
+    nb = len(shape) - len(roles)
+    tail = shape[nb:]
+    fan_in = math.prod(d for d, role in zip(tail, roles) if role == "i")
+    fan_out = math.prod(d for d, role in zip(tail, roles) if role == "o")
+    return fan_in, fan_out
+
+
+def is_lora(x) -> bool:
+    return isinstance(x, LoRA)

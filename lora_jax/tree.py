@@ -1,0 +1,90 @@
+"""`split`, `combine` and `merge`: moving between adapted, trainable/frozen and plain trees."""
+
+from __future__ import annotations
+
+import jax
+
+from lora_jax.node import LoRA, factor_shapes, is_lora, merge_node
+from lora_jax.paths import Selector, compile_selector, flatten_with_paths
+
+
+def _is_leaf(x) -> bool:
+    return x is None or is_lora(x)
+
+
+def split(tree, trainable: Selector = None):
+    """``(trainable, frozen)`` halves of an adapted tree, each of the full tree's structure.
+
+    `trainable` holds each LoRA node's `a` and `b` (its `w` is None) plus the leaves selected by
+    the `trainable` selector (a regex over '/'-joined paths, a list of them, or a predicate), such
+    as a new classification head; `frozen` holds everything else (each LoRA node's `w`). Holes are
+    None. Differentiate with respect to the trainable half only, so frozen weights get no gradient.
+    """
+    extra = compile_selector(trainable, "trainable")
+    leaves, treedef = flatten_with_paths(tree, is_leaf=_is_leaf)
+    train, frozen = [], []
+    for path, leaf in leaves:
+        if is_lora(leaf):
+            _check_node(leaf, path, need_w=True, need_ab=True)
+            train.append(LoRA(w=None, a=leaf.a, b=leaf.b, scale=leaf.scale, roles=leaf.roles,
+                              dropout=leaf.dropout))
+            frozen.append(LoRA(w=leaf.w, a=None, b=None, scale=leaf.scale, roles=leaf.roles,
+                               dropout=leaf.dropout))
+        elif leaf is not None and extra(path, leaf):
+            train.append(leaf)
+            frozen.append(None)
+        else:
+            train.append(None)
+            frozen.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, train), jax.tree_util.tree_unflatten(treedef, frozen)
+
+
+def combine(trainable, frozen):
+    """Inverse of `split`: one adapted tree from its trainable and frozen halves."""
+    t_leaves, t_def = flatten_with_paths(trainable, is_leaf=_is_leaf)
+    f_leaves, f_def = flatten_with_paths(frozen, is_leaf=_is_leaf)
+    if t_def != f_def:
+        raise ValueError("combine: trainable and frozen trees have different structures; they must "
+                         f"come from the same `split`.\n trainable: {t_def}\n frozen:    {f_def}")
+    out = []
+    for (path, t), (_, f) in zip(t_leaves, f_leaves):
+        if is_lora(t) or is_lora(f):
+            if not (is_lora(t) and is_lora(f)):
+                raise ValueError(f"combine: {path!r} is a LoRA node in one tree only")
+            if (t.scale, t.roles, t.dropout) != (f.scale, f.roles, f.dropout):
+                raise ValueError(f"combine: {path!r} has different LoRA settings in the two trees")
+            node = LoRA(w=f.w, a=t.a, b=t.b, scale=t.scale, roles=t.roles, dropout=t.dropout)
+            _check_node(node, path, need_w=True, need_ab=True)
+            out.append(node)
+        elif t is not None and f is not None:
+            raise ValueError(f"combine: {path!r} is set in both the trainable and the frozen tree")
+        else:
+            out.append(t if t is not None else f)
+    return jax.tree_util.tree_unflatten(t_def, out)
+
+
+def merge(tree):
+    """Plain params: every LoRA node becomes ``w + scale·a@b`` (float32 maths, `w`'s dtype)."""
+    leaves, treedef = flatten_with_paths(tree, is_leaf=is_lora)
+    out = []
+    for path, leaf in leaves:
+        if is_lora(leaf):
+            _check_node(leaf, path, need_w=True, need_ab=True)
+            leaf = merge_node(leaf)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_node(node: LoRA, path: str, *, need_w: bool, need_ab: bool) -> None:
+    if need_w and node.w is None:
+        raise ValueError(f"LoRA node at {path!r} has no `w`: this is a trainable half from `split`; "
+                         "`combine` it with its frozen half first")
+    if need_ab and (node.a is None or node.b is None):
+        raise ValueError(f"LoRA node at {path!r} has no `a`/`b`: this is a frozen half from `split`; "
+                         "`combine` it with its trainable half first")
+    rank = node.a.shape[-1]
+    a_shape, b_shape = factor_shapes(node.w.shape, node.roles, rank)
+    if tuple(node.a.shape) != a_shape or tuple(node.b.shape) != b_shape:
+        raise ValueError(f"LoRA node at {path!r}: w {tuple(node.w.shape)} with roles {node.roles!r} "
+                         f"needs a {a_shape} and b {b_shape}, got a {tuple(node.a.shape)} and "
+                         f"b {tuple(node.b.shape)}")
