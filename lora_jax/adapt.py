@@ -16,6 +16,7 @@ from lora_jax.paths import Selector, compile_selector, flatten_with_paths, looku
 INITS = ("lora", "gaussian", "pissa", "olora")
 
 _EMBEDDING = re.compile(r"(?i)(embed|embedding|wte|wpe)")
+_NOT_KERNEL = re.compile(r"(?i)(bias|scale|norm)")
 _CONV = re.compile(r"(?i)conv")
 _ATTN_IN = re.compile(r"(?i)^(query|key|value)$")
 _ATTN_OUT = re.compile(r"(?i)^(out|attention_out)$")
@@ -58,7 +59,9 @@ def _is_float_array(leaf) -> bool:
 
 
 def _default_target(path: str, leaf) -> bool:
-    return _is_float_array(leaf) and np.ndim(leaf) >= 2 and not _EMBEDDING.search(path)
+    name = path.rsplit("/", 1)[-1]
+    return (_is_float_array(leaf) and np.ndim(leaf) >= 2 and not _EMBEDDING.search(path)
+            and not _NOT_KERNEL.search(name))
 
 
 def apply(
@@ -85,7 +88,8 @@ def apply(
       alpha: LoRA alpha; ``scale = alpha / r`` (``alpha / sqrt(r)`` with `rslora`). Defaults to `rank`.
       targets: regex (``re.search`` on the '/'-joined key path), list of regexes, or predicate
         ``(path, leaf) -> bool``. Default: every float leaf of ndim ≥ 2 whose path does not look like
-        an embedding table (embed/embedding/wte/wpe).
+        an embedding table (embed/embedding/wte/wpe) and whose name is not a bias, scale or norm
+        (DenseGeneral biases are 2-D).
       exclude: same forms; removes paths from `targets`.
       rank_pattern, alpha_pattern: ``{regex: value}``, first match wins (as PEFT).
       layout: ``{regex: roles}``: axis roles ("i"/"o") of the trailing kernel axes; leading axes
