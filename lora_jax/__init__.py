@@ -2,18 +2,27 @@
 
 from lora_jax._wrap import LoRAMaterializationError, LoRAMaterializationWarning, wrap
 from lora_jax.adapt import apply, default_roles
+from lora_jax.lora_pro import LoraProAdamWState, lora_pro, lora_pro_adamw
+from lora_jax.loraplus import loraplus, scale_b
 from lora_jax.node import LoRA, is_lora
+from lora_jax.riemannian import riemannian
 from lora_jax.tree import combine, merge, split
 
 __all__ = [
     "LoRA",
     "LoRAMaterializationError",
     "LoRAMaterializationWarning",
+    "LoraProAdamWState",
     "apply",
     "combine",
     "default_roles",
     "is_lora",
+    "lora_pro",
+    "lora_pro_adamw",
+    "loraplus",
     "merge",
+    "riemannian",
+    "scale_b",
     "split",
     "wrap",
 ]
