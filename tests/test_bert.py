@@ -94,12 +94,7 @@ def rel_errors(got, ref):
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    import os
-    from pathlib import Path
-
-    if os.environ.get("LORA_JAX_MINILM_DIR"):  # a local copy of the unzipped model/ folder
-        return Path(os.environ["LORA_JAX_MINILM_DIR"])
-    from train.assets import minilm_dir as fetch
+    from train.assets import minilm_dir as fetch  # cached in ~/.cache/lora_jax after first use
 
     try:
         return fetch()
@@ -128,11 +123,17 @@ def state_dict(minilm_dir):
     return load_state_dict(minilm_dir)
 
 
+@pytest.fixture(scope="module")
+def hidden(loaded, batch):
+    config, params = loaded
+    return jax.jit(BertEncoder(config).apply)({"params": params}, *batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # the acceptance check
 
 
-def test_minilm_matches_float64_numpy(minilm_dir, loaded, state_dict, batch):
+def test_minilm_matches_float64_numpy(minilm_dir, loaded, state_dict, batch, hidden):
     import json
 
     config, params = loaded
@@ -141,7 +142,7 @@ def test_minilm_matches_float64_numpy(minilm_dir, loaded, state_dict, batch):
             config.intermediate_size, config.vocab_size) == (384, 6, 12, 1536, 30522)
     ids, mask = batch
     ref = numpy_bert(state_dict, hf_config, ids, mask)
-    got = jax.jit(BertEncoder(config).apply)({"params": params}, ids, mask)
+    got = hidden
     assert got.dtype == jnp.float32 and got.shape == ref.shape
     fro, mx = rel_errors(got, ref)
     print(f"\nMiniLM float32 Flax vs float64 NumPy on {ids.shape} tokens: "
@@ -242,14 +243,14 @@ def test_roberta_prefix_legacy_names_and_positions():
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_classifier_pooling(loaded, state_dict, batch, minilm_dir, pooling):
+def test_classifier_pooling(loaded, batch, hidden, pooling):
     config, params = loaded
     model, variables = init_classifier(config, 3, jax.random.key(1), params, pooling=pooling)
     assert set(variables["params"]) == {"encoder", "head"}
     assert variables["params"]["head"]["kernel"].shape == (384, 3)
     ids, mask = batch
     logits = jax.jit(model.apply)(variables, ids, mask)
-    h = BertEncoder(config).apply({"params": params}, ids, mask)
+    h = hidden
     if pooling == "mean":
         m = mask[..., None]
         pooled = (h * m).sum(1) / m.sum(1)
