@@ -153,9 +153,8 @@ def test_minilm_matches_float64_numpy(minilm_dir, loaded, state_dict, batch, hid
 def test_minilm_bf16_params_close(loaded, state_dict, batch, minilm_dir):
     import json
 
-    config, _ = load_hf_safetensors(minilm_dir, dtype=jnp.bfloat16)
-    _, params32 = loaded
-    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
+    config, params = load_hf_safetensors(minilm_dir, dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     ids, mask = batch
     hf_config = json.loads((minilm_dir / "config.json").read_text())
     ref = numpy_bert(state_dict, hf_config, ids, mask)
