@@ -168,6 +168,10 @@ def _dot(lhs, rhs, params):
         delta = _factored_dot(lhs, rhs, lc, rc, lb, rb, True, params)
     else:
         delta = _factored_dot(rhs, lhs, rc, lc, rb, lb, False, params)
+    return _add(base, delta)
+
+
+def _add(base, delta):
     return base + delta.astype(base.dtype)
 
 

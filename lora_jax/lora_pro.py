@@ -160,6 +160,13 @@ def zip_lora(updates, params, name: str):
     return u_leaves, p_leaves, u_def, paths
 
 
+def _compute_dtype(dtype):
+    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"compute_dtype must be a float dtype, got {dtype}")
+    return dtype
+
+
 class _WarnOnce:
     def __init__(self, name: str):
         self.name, self.done = name, False
@@ -179,7 +186,7 @@ class _WarnOnce:
 # --------------------------------------------------------------------------------------------------
 
 def lora_pro(*, x: str = "sylvester", damping: float = DEFAULT_DAMPING, rcond: float | None = None,
-             compute_dtype=jnp.float32) -> optax.GradientTransformation:
+             compute_dtype=None) -> optax.GradientTransformation:
     """LoRA-Pro's gradient adjustment (Theorem 2.1) as a stateless optax transformation.
 
     For every `LoRA` node, replaces LoRA's ``(∂L/∂a, ∂L/∂b)`` by the adjusted pair whose equivalent
@@ -195,13 +202,14 @@ def lora_pro(*, x: str = "sylvester", damping: float = DEFAULT_DAMPING, rcond: f
       x: "sylvester" (default; closest to the original gradients), "zero" or "symmetric".
       damping: δ in the damped pseudo-inverse ``1/(λ+δ)`` of the r×r Gram matrices.
       rcond: eigenvalues below ``rcond·λ_max`` count as zero (default ``10·r·eps(compute_dtype)``).
-      compute_dtype: dtype of the small algebra (float32 or wider, also for bf16 factors).
+      compute_dtype: dtype of the small algebra; None means float32 (also for bf16 factors).
 
     ``update(updates, state, params)`` requires `params`: the trainable tree the gradients were
     taken with respect to.
     """
     if not (isinstance(x, str) and x in X_CHOICES):
         raise ValueError(f"x must be one of {X_CHOICES}, got {x!r}")
+    compute_dtype = _compute_dtype(compute_dtype)
     warn = _WarnOnce("lora_pro")
 
     def init_fn(params):
@@ -245,7 +253,7 @@ def _full_shape(p: LoRA):
 def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, weight_decay: float = 0.0, mu_dtype=None, *,
                    damping: float = DEFAULT_DAMPING, rcond: float | None = None,
-                   compute_dtype=jnp.float32) -> optax.GradientTransformation:
+                   compute_dtype=None) -> optax.GradientTransformation:
     """LoRA-Pro with AdamW, the paper's Algorithm 2 ("full" mode), per adapted weight:
 
     1. ``g̃ = s·B gA' + s·gB' A`` with (gA', gB') from Theorem 2.1 with X = 0 (any X gives the same
@@ -269,8 +277,11 @@ def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float =
 
     `learning_rate` may be a float or an optax schedule; the transformation works inside
     `optax.chain` and with `optax.inject_hyperparams`. ``update`` requires `params` (the trainable
-    tree). Extra keyword arguments: `damping`, `rcond`, `compute_dtype` as in `lora_pro`.
+    tree). Extra keyword arguments: `damping`, `rcond`, `compute_dtype` as in `lora_pro`. (Under
+    `inject_hyperparams`, pass dtypes as strings, e.g. ``mu_dtype="bfloat16"``, or name them in
+    ``static_args``: optax treats any callable argument, such as ``jnp.bfloat16``, as a schedule.)
     """
+    compute_dtype = _compute_dtype(compute_dtype)
     warn = _WarnOnce("lora_pro_adamw")
     m_dtype = compute_dtype if mu_dtype is None else mu_dtype
 

@@ -18,7 +18,7 @@ import optax
 
 from lora_jax import _gram
 from lora_jax._gram import mT, mm
-from lora_jax.lora_pro import _WarnOnce, _node_mats, _with_ab, require_params, zip_lora
+from lora_jax.lora_pro import _WarnOnce, _compute_dtype, _node_mats, _with_ab, require_params, zip_lora
 from lora_jax.node import is_lora
 
 
@@ -33,18 +33,19 @@ def precondition_matrices(a, b, ga, gb, reg):
     return ga2, gb2
 
 
-def riemannian(reg: float = 1e-2, *, compute_dtype=jnp.float32) -> optax.GradientTransformation:
+def riemannian(reg: float = 1e-2, *, compute_dtype=None) -> optax.GradientTransformation:
     """Stateless transformation applying the r×r Riemannian preconditioner to every `LoRA` node.
 
     Args:
       reg: λ, added to the Gram matrices' eigenvalues before inversion (PEFT's default 1e-2). It
         keeps step 0 (b = 0, where the a-gradient is 0 anyway) and rank-deficient factors finite.
-      compute_dtype: dtype of the r×r algebra.
+      compute_dtype: dtype of the r×r algebra (None: float32, also for bf16 factors).
 
     ``update(updates, state, params)`` requires `params` (the trainable tree).
     """
     if reg <= 0:
         raise ValueError(f"reg must be positive, got {reg}")
+    compute_dtype = _compute_dtype(compute_dtype)
     warn = _WarnOnce("riemannian")
 
     def init_fn(params):
