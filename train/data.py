@@ -48,6 +48,8 @@ import importlib.util
 import io
 import json
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -367,6 +369,43 @@ def _require_importlib_resources() -> None:
         )
 
 
+# The class attribute itself (mock.patch replaces it; attribute access returns a new wrapper each time).
+_ORIGINAL_DOWNLOAD_AND_PREPARE = vars(tfds.core.DatasetBuilder)["download_and_prepare"]
+
+
+# Datasets whose tfds builder config has no single `data_url` (one of their files).
+_PROBE_URLS = {"glue/mrpc": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt"}
+
+
+def _check_can_download(name: str, data_dir) -> None:
+    """Fail in seconds, with a useful message, when a standard dataset is not
+    prepared yet and its download host cannot be reached (tfds itself would
+    retry for minutes and then fail with a bare connection error)."""
+    b = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+    if vars(tfds.core.DatasetBuilder)["download_and_prepare"] is not _ORIGINAL_DOWNLOAD_AND_PREPARE:
+        return  # mocked (tfds.testing.mock_data): nothing is downloaded
+    if b.is_prepared():
+        return
+    url = getattr(b.builder_config, "data_url", None) if b.builder_config is not None else None
+    url = url or _PROBE_URLS.get(name)
+    if not isinstance(url, str) or "://" not in url:
+        return  # no single URL to probe: let tfds try
+    host = urllib.parse.urlsplit(url).hostname
+    port = urllib.parse.urlsplit(url).port or (443 if url.startswith("https") else 80)
+    root = Path(b.data_dir).parents[len(name.split("/"))]  # <root>/glue/sst2/2.0.0
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        offline = ", ".join(n for n, s in DATASETS.items() if s.offline)
+        raise RuntimeError(
+            f"{name!r} is not prepared in {b.data_dir} and its source cannot be reached "
+            f"({host}: {e}). tensorflow-datasets downloads {url} on first use, so standard "
+            f"datasets need the internet once: run the same command on a machine that is online "
+            f"(or `tfds build {name} --data_dir DIR` there) and copy DIR/{name} to "
+            f"{root}/{name}. Offline, use one of the project's own datasets: {offline}."
+        ) from None
+
+
 def _read_config() -> tfds.ReadConfig:
     # We read each split once, straight into memory: no tf.data cache (whose
     # partial reads under `limit` also make TF warn).
@@ -382,6 +421,7 @@ def _dataset(name: str, split: str, data_dir) -> tf.data.Dataset:
         # never tries GCS.
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         return b.as_dataset(split=split, shuffle_files=False, read_config=_read_config())
+    _check_can_download(name, data_dir)
     try:
         return tfds.load(
             name,
