@@ -38,10 +38,10 @@ _STRICT = contextvars.ContextVar("lora_jax_strict", default=False)
 _DROPOUT = contextvars.ContextVar("lora_jax_dropout", default=None)  # [key, counter] or None
 
 
-def on_materialise(node: LoRA, primitive: str | None) -> None:
+def on_materialise(node: LoRA, primitive: str | None, why: str = "which has no factored rule") -> None:
     what = f"primitive {primitive!r}" if primitive else "an operation"
     msg = (f"LoRA weight of shape {tuple(node.w.shape)} (roles {node.roles!r}) is materialised for "
-           f"{what}, which has no factored rule: this forms the full weight and its gradient.")
+           f"{what}, {why}: this forms the full weight and its gradient.")
     if _STRICT.get():
         raise LoRAMaterializationError(msg + " (strict=True)")
     warnings.warn(msg, LoRAMaterializationWarning, stacklevel=2)
@@ -84,10 +84,10 @@ def wrap(fn: Callable, *, strict: bool = False) -> Callable:
     return wrapped
 
 
-def _default(primitive, values, params):
+def _default(primitive, values, params, why: str = "which has no factored rule"):
     for v in values:
         if isinstance(v, LoRA):
-            on_materialise(v, str(primitive))
+            on_materialise(v, str(primitive), why)
     return primitive.bind(*[_materialise(v) for v in values], **params)
 
 
@@ -112,20 +112,15 @@ def _letters():
 
 
 def _factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_is_rhs, params):
-    """``scale·(x@a)@b`` (or via bᵀ, aᵀ) laid out as ``dot_general(x, w)`` would be, or None."""
+    """``scale·(x@a)@b`` (or ``scale·(x@bᵀ)@aᵀ``) laid out as ``dot_general(x, w)`` would be.
+
+    Built as two einsums over shared axis letters, so any batch/contracting dims work; callers
+    have checked `_factored_dot_applies`.
+    """
     nb = node.num_batch_axes
-    roles = node.roles
-    contracted = set(l_contract)
-    if any(d < nb for d in contracted) or any(d >= nb for d in l_batch):
-        return None
-    ins = {nb + k for k, role in enumerate(roles) if role == "i"}
-    outs = {nb + k for k, role in enumerate(roles) if role == "o"}
-    if contracted == ins:
-        first, second_axes = "a", outs
-    elif contracted == outs:
-        first, second_axes = "b", ins
-    else:
-        return None
+    ins = {nb + k for k, role in enumerate(node.roles) if role == "i"}
+    outs = {nb + k for k, role in enumerate(node.roles) if role == "o"}
+    first, second_axes = ("a", outs) if set(l_contract) == ins else ("b", ins)
 
     fresh = _letters()
     x_spec = [next(fresh) for _ in range(x.ndim)]
@@ -168,10 +163,6 @@ def _dot(lhs, rhs, params):
         delta = _factored_dot(lhs, rhs, lc, rc, lb, rb, True, params)
     else:
         delta = _factored_dot(rhs, lhs, rc, lc, rb, lb, False, params)
-    return _add(base, delta)
-
-
-def _add(base, delta):
     return base + delta.astype(base.dtype)
 
 
@@ -182,13 +173,18 @@ def _w(x):
 def _dot_or_materialise(lhs, rhs, params):
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     node = rhs if isinstance(rhs, LoRA) else lhs
-    ok = (_factored_dot_applies(node, rc if node is rhs else lc, rb if node is rhs else lb))
-    if not ok:
-        return _default(lax.dot_general_p, (lhs, rhs), params)
+    contract, batch = (rc, rb) if node is rhs else (lc, lb)
+    if not _factored_dot_applies(node, contract, batch):
+        why = (f"which contracts its axes {tuple(contract)} (batch axes {tuple(batch)}) while its "
+               f"leading {node.num_batch_axes} axes are stacked and the rest have roles "
+               f"{node.roles!r}; give `apply` a matching layout={{regex: roles}}")
+        return _default(lax.dot_general_p, (lhs, rhs), params, why)
     return _dot(lhs, rhs, params)
 
 
 def _factored_dot_applies(node: LoRA, l_contract, l_batch) -> bool:
+    """The product contracts exactly the node's "i" axes or exactly its "o" axes, and its batch
+    axes (stacked layers) are not contracted over."""
     nb = node.num_batch_axes
     contracted = set(l_contract)
     if any(d < nb for d in contracted) or any(d >= nb for d in l_batch):

@@ -194,3 +194,13 @@ def test_dropout_only_touches_the_adapter_path():
         {"kernel": tree["kernel"].w, "bias": tree["bias"]}, x), mean - fn(
         {"kernel": tree["kernel"].w, "bias": tree["bias"]}, x)
     assert np.linalg.norm(delta_mean - delta) / np.linalg.norm(delta) < 0.1
+
+
+def test_wrong_layout_materialises_with_a_hint():
+    tree = adapted({"k": jnp.ones((4, 6, 5))}, rank=2)  # default roles: (batch 4, in 6, out 5)
+    fn = lambda p, x: jnp.einsum("bi,ijo->bjo", x, p["k"])  # noqa: E731  contracts axis 0
+    x = jnp.ones((3, 4))
+    with pytest.raises(lora_jax.LoRAMaterializationError, match=r"contracts its axes \(0,\).*layout"):
+        lora_jax.wrap(fn, strict=True)(tree, x)
+    fixed = adapted({"k": jnp.ones((4, 6, 5))}, rank=2, layout={"k": "ioo"})
+    check_factored(fn, fixed, x)
