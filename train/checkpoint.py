@@ -1,0 +1,188 @@
+"""Orbax checkpoints for `train.classify`, verified on restore.
+
+One checkpoint = one orbax step directory ``<dir>/<step>/`` with two items:
+
+* ``state``: the arrays to resume from, as a flat dict ``{"00000": leaf, ...}`` in the leaf order
+  of the (trainable, optimizer state) tree. For LoRA methods the trainable tree is only the
+  adapters' ``a``/``b`` and the head (see `lora_jax.split`); the frozen encoder is re-read from the
+  model files on resume and never written.
+* ``meta``: JSON: step, run config, data/rng state and a checksum (sha256 over every leaf's dtype,
+  shape and bytes; plus a crc32 per leaf to name a damaged one).
+
+Saving goes through ``ocp.CheckpointManager`` (``save_interval_steps``, ``max_to_keep``),
+synchronously. Orbax writes a step into a temporary directory and renames it into place only when
+complete (atomic finalize), so a process killed mid-save leaves no finalized checkpoint for that
+step; `Checkpointer.steps` lists finalized ones only, and leftovers are cleaned up on open.
+
+`Checkpointer.restore` never returns damaged data: if orbax cannot read a checkpoint (truncated
+or deleted files) or the arrays it returns do not match the stored checksum (overwritten bytes),
+it raises `CheckpointError` naming the step directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["CheckpointError", "Checkpointer", "tree_checksum", "dir_bytes"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (unreadable, truncated, corrupted, or from another run)."""
+
+
+def _leaf_bytes(x) -> tuple[np.ndarray, bytes]:
+    a = np.ascontiguousarray(np.asarray(x))
+    return a, a.tobytes()
+
+
+def tree_checksum(leaves) -> tuple[str, list[int]]:
+    """(sha256 hex over all leaves, crc32 per leaf); dtype and shape are part of the digest."""
+    h = hashlib.sha256()
+    crcs = []
+    for x in leaves:
+        a, b = _leaf_bytes(x)
+        head = f"{a.dtype.str}{a.shape};".encode()
+        h.update(head)
+        h.update(b)
+        crcs.append(zlib.crc32(head + b))
+    return h.hexdigest(), crcs
+
+
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Total size of the files under `path`."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def _key(i: int) -> str:
+    return f"{i:05d}"
+
+
+class Checkpointer:
+    """Save/restore (trainable, optimizer state) trees with orbax, checksummed.
+
+    ``every``: save interval in steps (orbax ``save_interval_steps``); ``keep``: ``max_to_keep``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, every: int, keep: int = 2):
+        if every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1, got {every}")
+        self.directory = Path(directory).absolute()
+        self.every = every
+        # orbax logs every save at INFO/WARNING level through absl; keep the progress bar clean
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every,
+            max_to_keep=keep,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,  # remove what a killed save left behind
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    # ------------------------------------------------------------------ queries
+
+    def steps(self) -> list[int]:
+        """Finalized checkpoint steps, ascending (an interrupted save is not among them)."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        s = self.steps()
+        return s[-1] if s else None
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def size_bytes(self, step: int) -> int:
+        return dir_bytes(self.step_dir(step))
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, tree: Any, meta: dict, *, force: bool = False) -> bool:
+        """Save `tree` (any pytree of arrays) and `meta` at `step` if the interval says so
+        (or `force`). Returns whether a checkpoint was written (and finalized)."""
+        if not force and step % self.every:
+            return False  # (orbax alone would also save the first step it sees)
+        leaves = jax.tree_util.tree_leaves(tree)
+        host = [np.asarray(x) for x in leaves]
+        digest, crcs = tree_checksum(host)
+        meta = dict(meta, step=int(step), num_leaves=len(host), sha256=digest, crc32=crcs,
+                    shapes=[list(x.shape) for x in host], dtypes=[x.dtype.str for x in host])
+        flat = {_key(i): x for i, x in enumerate(host)}
+        saved = self.manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)),
+            force=force,
+        )
+        self.manager.wait_until_finished()
+        return bool(saved)
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
+        """(tree shaped like `like`, meta) from `step` (default: the latest finalized one).
+
+        Raises `CheckpointError` if the checkpoint cannot be read or fails verification.
+        """
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no finalized checkpoint in {self.directory}")
+            step = steps[-1]
+        path = self.step_dir(step)
+        earlier = [s for s in steps if s < step]
+        hint = (f"Delete {path} to resume from the previous checkpoint (step {earlier[-1]}), "
+                if earlier else f"Delete {path} ")
+        hint += "or start the run again without --resume (with --overwrite)."
+        like_leaves, treedef = jax.tree_util.tree_flatten(like)
+        abstract = {_key(i): np.zeros(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
+                    for i, x in enumerate(like_leaves)}
+        try:
+            got = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+            )
+            meta = got["meta"]
+            state = got["state"]
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read: it is truncated or corrupted "
+                f"({type(e).__name__}: {str(e)[:300]}). {hint}") from e
+        if not isinstance(meta, dict) or "sha256" not in meta:
+            raise CheckpointError(f"checkpoint {path} has no valid metadata (meta item). {hint}")
+        if meta.get("num_leaves") != len(like_leaves) or not isinstance(state, dict) or len(state) != len(like_leaves):
+            raise CheckpointError(
+                f"checkpoint {path} holds {meta.get('num_leaves')} arrays but this run needs "
+                f"{len(like_leaves)}: it was written by a different configuration. {hint}")
+        host = [np.asarray(state[_key(i)]) for i in range(len(like_leaves))]
+        for i, (x, want) in enumerate(zip(host, like_leaves)):
+            if tuple(x.shape) != tuple(np.shape(want)) or list(x.shape) != meta["shapes"][i]:
+                raise CheckpointError(f"checkpoint {path}: array {i} has shape {x.shape}, this run "
+                                      f"needs {np.shape(want)}. {hint}")
+        digest, crcs = tree_checksum(host)
+        if digest != meta["sha256"]:
+            bad = [i for i, (c, w) in enumerate(zip(crcs, meta["crc32"])) if c != w]
+            raise CheckpointError(
+                f"checkpoint {path} is corrupted: the restored arrays do not match the checksum "
+                f"saved with them (damaged arrays: {bad[:10]}). {hint}")
+        tree = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in host])
+        return tree, meta
+
+    def close(self) -> None:
+        self.manager.close()
