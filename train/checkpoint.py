@@ -22,6 +22,7 @@ it raises `CheckpointError` naming the step directory.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import zlib
@@ -131,7 +132,57 @@ class Checkpointer:
             force=force,
         )
         self.manager.wait_until_finished()
+        if saved:
+            self._write_manifest(int(step))
         return bool(saved)
+
+    # ------------------------------------------------------------------ file manifests
+    #
+    # After orbax has finalized step k, the size and crc32 of every file in <dir>/k/ go to
+    # <dir>.manifests/k.json (written atomically). A restore first compares the files with it, so
+    # damage to any file is caught, also to one whose arrays would still read back. A process killed
+    # between the finalize and the manifest leaves a checkpoint without one: it is then checked by
+    # the array checksum alone.
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.directory.with_name(self.directory.name + ".manifests")
+
+    def _files(self, step: int) -> dict[str, list[int]]:
+        root = self.step_dir(step)
+        out = {}
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                data = p.read_bytes()
+                out[str(p.relative_to(root))] = [len(data), zlib.crc32(data)]
+        return out
+
+    def _write_manifest(self, step: int) -> None:
+        self.manifest_dir.mkdir(parents=True, exist_ok=True)
+        path = self.manifest_dir / f"{step}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self._files(step)))
+        os.replace(tmp, path)
+        keep = {str(s) for s in self.steps()}
+        for old in self.manifest_dir.glob("*.json"):
+            if old.stem not in keep:
+                old.unlink(missing_ok=True)
+
+    def _check_manifest(self, step: int, hint: str) -> None:
+        path = self.manifest_dir / f"{step}.json"
+        if not path.is_file():
+            return
+        want = json.loads(path.read_text())
+        got = self._files(step)
+        missing = sorted(set(want) - set(got))
+        changed = sorted(f for f in want if f in got and got[f] != want[f])
+        if missing or changed:
+            detail = "; ".join(
+                [f"missing {f}" for f in missing[:5]]
+                + [f"{f}: {got[f][0]} bytes (saved: {want[f][0]}), crc32 differs" if got[f][0] == want[f][0]
+                   else f"{f}: {got[f][0]} bytes, saved with {want[f][0]} (truncated?)" for f in changed[:5]])
+            raise CheckpointError(f"checkpoint {self.step_dir(step)} is truncated or corrupted: its files "
+                                  f"differ from those written at save time ({detail}). {hint}")
 
     # ------------------------------------------------------------------ restore
 
@@ -150,6 +201,7 @@ class Checkpointer:
         hint = (f"Delete {path} to resume from the previous checkpoint (step {earlier[-1]}), "
                 if earlier else f"Delete {path} ")
         hint += "or start the run again without --resume (with --overwrite)."
+        self._check_manifest(step, hint)
         like_leaves, treedef = jax.tree_util.tree_flatten(like)
         abstract = {_key(i): np.zeros(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
                     for i, x in enumerate(like_leaves)}
