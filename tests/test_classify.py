@@ -305,6 +305,7 @@ def _wait_for(pred, proc, timeout):
     return False
 
 
+@pytest.mark.slow  # ~85 s on 2 cores: two fresh processes each import TF and compile
 def test_sigkill_mid_run_and_mid_save_then_resume(tiny, tmp_path):
     """Kill a real training process twice with SIGKILL (once while it is writing a checkpoint),
     resume each time; the finished run equals an uninterrupted one."""
