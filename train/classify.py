@@ -407,22 +407,17 @@ def plot_runs(out: str | os.PathLike, path: str | os.PathLike | None = None, smo
             runs.append((method, m.parent.name, recs))
     if not runs:
         return None
-    colors = {}
+    colors: dict[str, str] = {}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, name, recs in runs:
         steps = np.array([r["step"] for r in recs])
         loss = np.array([r["loss"] for r in recs])
         w = max(1, min(smooth, len(loss)))
         ma = np.convolve(loss, np.ones(w) / w, mode="valid")
+        first = method not in colors  # one legend entry per method (seeds share its colour)
         color = colors.setdefault(method, f"C{len(colors)}")
-        label = method if sum(1 for r in runs if r[0] == method) == 1 or name.endswith("s0") or \
-            all(rr[1] >= name for rr in runs if rr[0] == method) else None
-        ax.plot(steps[w - 1:], ma, color=color, alpha=0.85, lw=1.3, label=label)
-    handles, labels = ax.get_legend_handles_labels()
-    seen = {}
-    for h, lab in zip(handles, labels):
-        seen.setdefault(lab, h)
-    ax.legend(seen.values(), seen.keys())
+        ax.plot(steps[w - 1:], ma, color=color, alpha=0.8, lw=1.3, label=method if first else None)
+    ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel(f"train loss (moving average of {smooth} steps)")
     ax.set_title(f"training loss, runs in {out.name}")
