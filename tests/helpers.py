@@ -69,9 +69,9 @@ def reference64(fn, tree, args, probe):
                 out[i] = _to64(n.w) + n.scale * jnp.einsum(f"{a_spec},{b_spec}->{w_spec}", a, b)
             return jax.tree_util.tree_unflatten(treedef, out)
 
-        y = fn(merged(ab64), *args64)
+        y = jax.jit(lambda ab, args: fn(merged(ab), *args))(ab64, args64)
         probe64 = jax.tree_util.tree_map(_to64, probe)
-        grads = jax.grad(lambda ab: _vdot(fn(merged(ab), *args64), probe64))(ab64)
+        grads = jax.jit(jax.grad(lambda ab, args: _vdot(fn(merged(ab), *args), probe64)))(ab64, args64)
         return jax.tree_util.tree_map(np.asarray, y), jax.tree_util.tree_map(np.asarray, grads)
 
 
