@@ -1,26 +1,36 @@
 """Teacher–student: does LoRA-Pro follow full fine-tuning's loss curve more closely than LoRA?
 
-Task. A frozen random 3-layer tanh MLP (the "pre-trained" W0); the teacher is the same network with
-a random rank-2 update added to every weight; the student starts from W0 and regresses the teacher's
-outputs on a fixed set of inputs (full batch, MSE). Full fine-tuning can reach ~0 loss; so can a
-rank-4 adapter, in principle.
+Task (per seed). A frozen random 3-layer tanh MLP 64→128→128→32 (weights N(0, 1/fan_in), no biases)
+is the "pre-trained" network W0. The teacher is W0 plus, in every layer, a random update of rank
+2r = 16 with a geometrically decaying spectrum (σ_k = 0.8·0.85^k, random orthonormal singular
+vectors; its best rank-8 approximation keeps ~93% of the energy), so full fine-tuning can reach ~0
+loss and a rank-8 adapter cannot quite — "follow full FT" is then a well-posed target, unlike a
+teacher whose update is exactly low-rank (where LoRA can beat full FT). The student starts at W0
+and regresses the teacher's outputs (MSE, mean over samples and outputs) on N = 1024 fixed Gaussian
+inputs, full batch. Every kernel is adapted: rank r = 8, alpha = 16 (s = alpha/r = 2, the paper's
+Llama setting), init "lora" (PEFT's default: Kaiming-uniform a, b = 0) — so LoRA and LoRA-Pro start
+exactly at W0, as does full FT. Seeds change W0, the teacher's update, the data and the adapter init.
 
-Methods (same steps, same learning-rate grids):
-  SGD family:   full FT (sgd) | LoRA (sgd) | LoRA-Pro SGD = chain(lora_pro(), sgd)
-  AdamW family: full FT (adamw) | LoRA (adamw) | LoRA-Pro efficient = chain(lora_pro(), adamw) |
-                LoRA-Pro full = lora_pro_adamw
-Metric: the distance of a method's curve to full FT's curve (same optimizer family, same lr) =
-mean over steps of |log10 L_method − log10 L_full|; and final losses. A "best lr" summary compares
-each method at its own best lr with full FT at its best lr.
+Methods. At every learning rate the three runs of a mode share that lr and the step count:
+  sgd:             full FT sgd(lr)   | LoRA sgd(lr)   | LoRA-Pro chain(lora_pro(), sgd(lr))
+  adamw-efficient: full FT adamw(lr) | LoRA adamw(lr) | LoRA-Pro chain(lora_pro(), adamw(lr))
+  adamw-full:      full FT adamw(lr) | LoRA adamw(lr) | LoRA-Pro lora_pro_adamw(lr)
+(weight decay 0 everywhere: full FT's AdamW would decay W towards 0, the adapters towards W0.)
 
-    .venv/bin/python bench/lora_pro_behaviour.py     # writes bench/results/lora_pro_behaviour.{csv,png}
+Metric. Curve distance of a method to full FT (same mode, lr and seed) = mean over steps of
+|log10 L_method(t) − log10 L_full(t)|; reported as mean ± std over seeds. LoRA-Pro "wins" a setting
+when its mean distance is below LoRA's (per-seed win counts are reported too).
+
+    .venv/bin/python bench/lora_pro_behaviour.py   # writes bench/results/lora_pro_behaviour.{md,csv,png}
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -31,27 +41,23 @@ import optax  # noqa: E402
 
 import lora_jax  # noqa: E402
 
-D_IN, D_H, D_OUT, N = 32, 64, 16, 1024
-TEACHER_RANK, LORA_RANK, ALPHA = 2, 4, 8.0
-STEPS = 400
+DIMS = (64, 128, 128, 32)
+N = 1024
+TEACHER_RANK, SIGMA0, DECAY = 16, 0.8, 0.85
+RANK, ALPHA, INIT = 8, 16.0, "lora"
+STEPS = 250
 SEEDS = (0, 1, 2)
-SGD_LRS = (0.03, 0.1, 0.3, 1.0)
-ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+SGD_LRS = (0.1, 0.3, 1.0, 3.0, 10.0)
+ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 OUT = os.path.join(os.path.dirname(__file__), "results")
 
-
-def problem(seed):
-    ks = jax.random.split(jax.random.key(seed), 10)
-    dims = [(D_IN, D_H), (D_H, D_H), (D_H, D_OUT)]
-    w0 = {f"l{i}": {"kernel": jax.random.normal(ks[i], d) / np.sqrt(d[0])} for i, d in enumerate(dims)}
-    teacher = {}
-    for i, d in enumerate(dims):
-        u = jax.random.normal(ks[3 + i], (d[0], TEACHER_RANK)) / np.sqrt(d[0])
-        v = jax.random.normal(ks[6 + i], (TEACHER_RANK, d[1]))
-        teacher[f"l{i}"] = {"kernel": w0[f"l{i}"]["kernel"] + 0.7 * u @ v}
-    x = jax.random.normal(ks[9], (N, D_IN))
-    y = forward(teacher, x)
-    return w0, x, y
+MODES = {  # mode -> (lr grid, full-FT/LoRA optimizer, LoRA-Pro optimizer)
+    "sgd": ("sgd", lambda lr: optax.chain(lora_jax.lora_pro(), optax.sgd(lr))),
+    "adamw-efficient": ("adamw", lambda lr: optax.chain(lora_jax.lora_pro(),
+                                                         optax.adamw(lr, weight_decay=0.0))),
+    "adamw-full": ("adamw", lambda lr: lora_jax.lora_pro_adamw(lr)),
+}
+BASE_TX = {"sgd": lambda lr: optax.sgd(lr), "adamw": lambda lr: optax.adamw(lr, weight_decay=0.0)}
 
 
 def forward(p, x):
@@ -60,129 +66,255 @@ def forward(p, x):
     return h @ p["l2"]["kernel"]
 
 
-def run_full(w0, x, y, tx):
-    loss = lambda p: jnp.mean((forward(p, x) - y) ** 2)  # noqa: E731
+def _orth(key, n, k):
+    return jnp.linalg.qr(jax.random.normal(key, (n, k)))[0]
 
+
+def problem(seed, dims=DIMS, n=N, teacher_rank=TEACHER_RANK, rank=RANK, alpha=ALPHA, init=INIT):
+    """(w0, x, y, lora_trainable, lora_frozen) for one seed."""
+    ks = jax.random.split(jax.random.key(seed), 3 * len(dims))
+    w0, teacher = {}, {}
+    sig = SIGMA0 * DECAY ** jnp.arange(teacher_rank)
+    for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
+        w = jax.random.normal(ks[3 * i], (din, dout)) / np.sqrt(din)
+        u, v = _orth(ks[3 * i + 1], din, teacher_rank), _orth(ks[3 * i + 2], dout, teacher_rank)
+        w0[f"l{i}"] = {"kernel": w}
+        teacher[f"l{i}"] = {"kernel": w + (u * sig) @ v.T}
+    x = jax.random.normal(ks[-1], (n, dims[0]))
+    y = forward(teacher, x)
+    adapted = lora_jax.apply(w0, rank=rank, alpha=alpha, init=init, key=jax.random.key(1000 + seed))
+    t, frozen = lora_jax.split(adapted)
+    return w0, x, y, t, frozen
+
+
+_fwd_lora = lora_jax.wrap(forward)
+
+
+def _train(loss, p0, tx, steps):
     def step(c, _):
         p, s = c
         l, g = jax.value_and_grad(loss)(p)
         u, s = tx.update(g, s, p)
         return (optax.apply_updates(p, u), s), l
 
-    return jax.lax.scan(step, (w0, tx.init(w0)), None, length=STEPS)[1]
+    return jax.lax.scan(step, (p0, tx.init(p0)), None, length=steps)[1]
 
 
-def run_lora(w0, x, y, tx, seed):
-    adapted = lora_jax.apply(w0, rank=LORA_RANK, alpha=ALPHA, key=jax.random.key(100 + seed))
-    t, frozen = lora_jax.split(adapted)
-    f = lora_jax.wrap(forward)
-    loss = lambda t: jnp.mean((f(lora_jax.combine(t, frozen), x) - y) ** 2)  # noqa: E731
-
-    def step(c, _):
-        t, s = c
-        l, g = jax.value_and_grad(loss)(t)
-        u, s = tx.update(g, s, t)
-        return (optax.apply_updates(t, u), s), l
-
-    return jax.lax.scan(step, (t, tx.init(t)), None, length=STEPS)[1]
+def run_full(make_tx, lr, w0, x, y, steps):
+    return _train(lambda p: jnp.mean((forward(p, x) - y) ** 2), w0, make_tx(lr), steps)
 
 
-METHODS = {
-    "sgd": {
-        "full FT": lambda lr: ("full", optax.sgd(lr)),
-        "LoRA": lambda lr: ("lora", optax.sgd(lr)),
-        "LoRA-Pro SGD": lambda lr: ("lora", optax.chain(lora_jax.lora_pro(), optax.sgd(lr))),
-    },
-    "adamw": {
-        "full FT": lambda lr: ("full", optax.adamw(lr, weight_decay=0.0)),
-        "LoRA": lambda lr: ("lora", optax.adamw(lr, weight_decay=0.0)),
-        "LoRA-Pro efficient": lambda lr: ("lora", optax.chain(lora_jax.lora_pro(),
-                                                              optax.adamw(lr, weight_decay=0.0))),
-        "LoRA-Pro full": lambda lr: ("lora", lora_jax.lora_pro_adamw(lr)),
-    },
-}
+def run_lora(make_tx, lr, t, frozen, x, y, steps):
+    loss = lambda t: jnp.mean((_fwd_lora(lora_jax.combine(t, frozen), x) - y) ** 2)  # noqa: E731
+    return _train(loss, t, make_tx(lr), steps)
 
 
-def curve(kind, tx, seed):
-    w0, x, y = problem(seed)
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def all_curves(kind, make_tx, lrs, data, steps):
+    """Loss curves (len(lrs), len(seeds), steps): one jit, vmapped over seeds and learning rates."""
+    w0, x, y, t, frozen = data
     if kind == "full":
-        return np.asarray(jax.jit(lambda: run_full(w0, x, y, tx))())
-    return np.asarray(jax.jit(lambda: run_lora(w0, x, y, tx, seed))())
+        one = lambda lr, w0, x, y, t, fr: run_full(make_tx, lr, w0, x, y, steps)  # noqa: E731
+    else:
+        one = lambda lr, w0, x, y, t, fr: run_lora(make_tx, lr, t, fr, x, y, steps)  # noqa: E731
+    over_seeds = jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0))
+    f = jax.jit(jax.vmap(over_seeds, in_axes=(0, None, None, None, None, None)))
+    out = np.asarray(f(jnp.asarray(lrs, jnp.float32), w0, x, y, t, frozen), np.float64)
+    return np.where(np.isfinite(out), out, np.inf)
 
 
-def dist(c, ref):
-    return float(np.mean(np.abs(np.log10(np.maximum(c, 1e-12)) - np.log10(np.maximum(ref, 1e-12)))))
+def make_data(seeds, **kw):
+    return tuple(_stack(z) for z in zip(*(problem(s, **kw) for s in seeds)))
 
 
-def main():
-    os.makedirs(OUT, exist_ok=True)
-    curves = {}  # (family, method, lr) -> mean-over-seeds curve (geometric mean)
-    for family, lrs in (("sgd", SGD_LRS), ("adamw", ADAM_LRS)):
-        for method, make in METHODS[family].items():
-            for lr in lrs:
-                cs = []
-                for seed in SEEDS:
-                    kind, tx = make(lr)
-                    cs.append(curve(kind, tx, seed))
-                cs = np.stack(cs)
-                if not np.all(np.isfinite(cs)):
-                    cs = np.where(np.isfinite(cs), cs, 1e3)
-                curves[(family, method, lr)] = np.exp(np.mean(np.log(np.maximum(cs, 1e-12)), axis=0))
-                print(f"{family:5s} {method:18s} lr={lr:<6g} final {curves[(family, method, lr)][-1]:.3e}",
-                      flush=True)
+def distance(c, ref):
+    """Mean over steps of |log10 c − log10 ref| along the last axis (inf if c diverged)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.mean(np.abs(np.log10(np.maximum(c, 1e-30)) - np.log10(np.maximum(ref, 1e-30))), -1)
+    return np.where(np.isfinite(d), d, np.inf)
 
-    rows = []
-    lines = ["| family | lr | method | final loss | curve distance to full FT (same lr) |",
-             "|---|---:|---|---:|---:|"]
-    for family, lrs in (("sgd", SGD_LRS), ("adamw", ADAM_LRS)):
-        for lr in lrs:
-            ref = curves[(family, "full FT", lr)]
-            for method in METHODS[family]:
-                c = curves[(family, method, lr)]
-                d = dist(c, ref)
-                rows.append([family, lr, method, c[0], c[-1], d])
-                lines.append(f"| {family} | {lr:g} | {method} | {c[-1]:.3e} | {d:.3f} |")
-    lines += ["", "Best lr per method (by final loss), distance to full FT at its own best lr:", "",
-              "| family | method | best lr | final loss | curve distance to best-lr full FT |",
-              "|---|---|---:|---:|---:|"]
-    best = {}
-    for family, lrs in (("sgd", SGD_LRS), ("adamw", ADAM_LRS)):
-        for method in METHODS[family]:
-            lr = min(lrs, key=lambda lr: curves[(family, method, lr)][-1])
-            best[(family, method)] = lr
-        ref = curves[(family, "full FT", best[(family, "full FT")])]
-        for method in METHODS[family]:
-            lr = best[(family, method)]
-            c = curves[(family, method, lr)]
-            lines.append(f"| {family} | {method} | {lr:g} | {c[-1]:.3e} | {dist(c, ref):.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(OUT, "lora_pro_behaviour.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(OUT, "lora_pro_behaviour.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["family", "lr", "method", "initial_loss", "final_loss", "curve_distance_same_lr"])
-        w.writerows(rows)
 
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, family in zip(axes, ("sgd", "adamw")):
-        for method in METHODS[family]:
-            lr = best[(family, method)]
-            ax.semilogy(curves[(family, method, lr)], label=f"{method} (lr {lr:g})",
-                        lw=2.5 if method == "full FT" else 1.5, ls="--" if method == "full FT" else "-")
-        ax.set_title(f"{family.upper()} family, best lr each (geo-mean of {len(SEEDS)} seeds)")
+def compute(seeds=SEEDS, steps=STEPS, sgd_lrs=SGD_LRS, adam_lrs=ADAM_LRS, log=print, **kw):
+    """Returns {(family or mode, method): curves (lrs, seeds, steps)}."""
+    data = make_data(seeds, **kw)
+    lrs = {"sgd": sgd_lrs, "adamw": adam_lrs}
+    res = {}
+    for fam in ("sgd", "adamw"):
+        for kind in ("full", "lora"):
+            t0 = time.time()
+            res[(fam, kind)] = all_curves(kind, BASE_TX[fam], lrs[fam], data, steps)
+            log(f"{fam:5s} {'full FT' if kind == 'full' else 'LoRA':16s} {time.time() - t0:6.1f} s")
+    for mode, (fam, make) in MODES.items():
+        t0 = time.time()
+        res[(mode, "pro")] = all_curves("lora", make, lrs[fam], data, steps)
+        log(f"{mode:15s} LoRA-Pro {time.time() - t0:6.1f} s")
+    return res
+
+
+def fmt(d):
+    if not np.all(np.isfinite(d)):
+        return f"diverged ({int(np.sum(~np.isfinite(d)))}/{d.size} seeds)"
+    return f"{d.mean():.3f} ± {d.std(ddof=1) if d.size > 1 else 0.0:.3f}"
+
+
+def tables(res, seeds=SEEDS, sgd_lrs=SGD_LRS, adam_lrs=ADAM_LRS):
+    lrs = {"sgd": sgd_lrs, "adamw": adam_lrs}
+    rows, lines, wins, total = [], [], 0, 0
+    lines += ["| mode | lr | final loss full FT | final loss LoRA | final loss LoRA-Pro | "
+              "distance LoRA | distance LoRA-Pro | LoRA-Pro closer (seeds) |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    per_mode = {}
+    for mode, (fam, _) in MODES.items():
+        w_mode = 0
+        for i, lr in enumerate(lrs[fam]):
+            full, lora, pro = res[(fam, "full")][i], res[(fam, "lora")][i], res[(mode, "pro")][i]
+            dl, dp = distance(lora, full), distance(pro, full)
+            win = bool(np.mean(dp) < np.mean(dl))
+            seed_wins = int(np.sum(dp < dl))
+            w_mode += win
+            total += 1
+            gm = lambda c: float(np.exp(np.mean(np.log(np.maximum(c[:, -1], 1e-30)))))  # noqa: E731
+            lines.append(f"| {mode} | {lr:g} | {gm(full):.2e} | {gm(lora):.2e} | {gm(pro):.2e} | "
+                         f"{fmt(dl)} | {fmt(dp)} | {'**yes**' if win else 'no'} ({seed_wins}/{len(seeds)}) |")
+            rows.append([mode, lr, gm(full), gm(lora), gm(pro), float(np.mean(dl)),
+                         float(np.std(dl, ddof=1)), float(np.mean(dp)), float(np.std(dp, ddof=1)),
+                         win, seed_wins])
+        per_mode[mode] = (w_mode, len(lrs[fam]))
+        wins += w_mode
+    lines += ["", "LoRA-Pro closer to full FT than LoRA (mean distance over seeds): "
+              + ", ".join(f"{m} {w}/{n}" for m, (w, n) in per_mode.items())
+              + f"; total {wins}/{total} settings."]
+    return "\n".join(lines), rows
+
+
+REPRESENTATIVE = {"sgd": 1.0, "adamw-efficient": 1e-3, "adamw-full": 1e-3}
+
+
+def plot(res, path, seeds=SEEDS, sgd_lrs=SGD_LRS, adam_lrs=ADAM_LRS):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = {"sgd": sgd_lrs, "adamw": adam_lrs}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for j, (mode, (fam, _)) in enumerate(MODES.items()):
+        lr = REPRESENTATIVE[mode]
+        i = list(lrs[fam]).index(lr)
+        ax = axes[0, j]
+        for (name, c, st) in (("full FT", res[(fam, "full")][i], "k--"),
+                              ("LoRA", res[(fam, "lora")][i], "C0-"),
+                              ("LoRA-Pro", res[(mode, "pro")][i], "C3-")):
+            g = np.exp(np.mean(np.log(np.maximum(c, 1e-30)), 0))
+            ax.semilogy(g, st, lw=2, label=name)
+            for s in range(c.shape[0]):
+                ax.semilogy(c[s], st[:-1] + "-", lw=0.5, alpha=0.3)
+        ax.set_title(f"{mode}, lr {lr:g} (thick: geo-mean of {len(seeds)} seeds)")
         ax.set_xlabel("step")
         ax.set_ylabel("train MSE")
         ax.legend()
+        ax = axes[1, j]
+        full = res[(fam, "full")]
+        for name, c, col in (("LoRA", res[(fam, "lora")], "C0"), ("LoRA-Pro", res[(mode, "pro")], "C3")):
+            d = distance(c, full)
+            d = np.where(np.isfinite(d), d, np.nan)
+            ax.errorbar(lrs[fam], np.nanmean(d, 1), yerr=np.nanstd(d, 1, ddof=1), color=col,
+                        marker="o", capsize=3, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (same for full FT, LoRA, LoRA-Pro)")
+        ax.set_ylabel("mean |log10 L − log10 L_full FT|")
+        ax.set_title(f"{mode}: distance to full FT's curve (mean ± std)")
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(OUT, "lora_pro_behaviour.png"), dpi=90)
+    fig.savefig(path, dpi=80)
+
+
+def diagnose(seed=0, steps=STEPS, lrs=(3e-4, 1e-3, 1e-2), log=print):
+    """Why the efficient mode lags at small Adam lrs: the adjusted gradient of `a` starts huge
+    (gA' = (1/s²) gA (BᵀB)⁻¹ with B ≈ lr-sized after step 0) and decays as B grows, so Adam's
+    second moment (β2 = 0.999, memory ~1000 steps) stays dominated by the early values and `a`'s
+    effective step shrinks. Prints, for layer l1: ‖gA'‖ (efficient) or ‖gA‖ (LoRA) at steps 1 and
+    the last, the summed movement Σ_t ‖a_{t+1} − a_t‖, and the curve distance to full FT; also with
+    β2 = 0.9 (short memory) for both."""
+    w0, x, y, t, fr = problem(seed)
+    lines = ["| lr | optimizer | ‖g_a‖ step 1 | ‖g_a‖ last | Σ_t ‖Δa‖ (l1) | final loss | distance to full FT |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for lr in lrs:
+        full = np.asarray(jax.jit(lambda: run_full(BASE_TX["adamw"], lr, w0, x, y, steps))())
+        for name, tx in (("LoRA adam", optax.adam(lr)),
+                         ("chain(lora_pro(), adam)", optax.chain(lora_jax.lora_pro(), optax.adam(lr))),
+                         ("LoRA adam β2=0.9", optax.adam(lr, b2=0.9)),
+                         ("chain(lora_pro(), adam β2=0.9)",
+                          optax.chain(lora_jax.lora_pro(), optax.adam(lr, b2=0.9)))):
+            loss = lambda t: jnp.mean((_fwd_lora(lora_jax.combine(t, fr), x) - y) ** 2)  # noqa: E731
+
+            def step(c, _, tx=tx, loss=loss):
+                p, s = c
+                l, g = jax.value_and_grad(loss)(p)
+                u, s2 = tx.update(g, s, p)
+                p2 = optax.apply_updates(p, u)
+                return (p2, s2), (l, jnp.linalg.norm(p2["l1"]["kernel"].a - p["l1"]["kernel"].a),
+                                  jnp.linalg.norm(g["l1"]["kernel"].a))
+
+            pro = "lora_pro" in name
+            adj = lora_jax.lora_pro()
+
+            def step_pro(c, _, tx=tx, loss=loss):
+                p, s = c
+                l, g = jax.value_and_grad(loss)(p)
+                ga = adj.update(g, optax.EmptyState(), p)[0]["l1"]["kernel"].a
+                u, s2 = tx.update(g, s, p)
+                p2 = optax.apply_updates(p, u)
+                return (p2, s2), (l, jnp.linalg.norm(p2["l1"]["kernel"].a - p["l1"]["kernel"].a),
+                                  jnp.linalg.norm(ga))
+
+            f = step_pro if pro else step
+            l, da, ga = map(np.asarray, jax.jit(
+                lambda f=f, tx=tx: jax.lax.scan(f, (t, tx.init(t)), None, length=steps)[1])())
+            lines.append(f"| {lr:g} | {name} | {ga[1]:.2e} | {ga[-1]:.2e} | {da.sum():.3f} | "
+                         f"{l[-1]:.2e} | {distance(l, full):.3f} |")
+            log(lines[-1])
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--seeds", type=int, default=len(SEEDS))
+    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--diagnose", action="store_true",
+                    help="only print the efficient-mode diagnostic table (seed 0)")
+    args = ap.parse_args()
+    if args.diagnose:
+        table = diagnose(steps=args.steps)
+        print(table)
+        with open(os.path.join(args.out, "lora_pro_behaviour_diagnose.md"), "w") as f:
+            f.write(f"seed 0, {args.steps} steps, layer l1; see `diagnose` in bench/lora_pro_behaviour.py\n\n"
+                    + table + "\n")
+        return
+    seeds = tuple(range(args.seeds))
+    t0 = time.time()
+    res = compute(seeds=seeds, steps=args.steps)
+    table, rows = tables(res, seeds=seeds)
+    header = (f"dims {DIMS}, N {N}, teacher update rank {TEACHER_RANK} (σ_k = {SIGMA0}·{DECAY}^k), "
+              f"LoRA r {RANK}, alpha {ALPHA:g} (s = {ALPHA / RANK:g}), init {INIT!r}, {args.steps} "
+              f"full-batch steps, seeds {seeds}, jax {jax.__version__}, {time.time() - t0:.0f} s")
+    print(header)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "lora_pro_behaviour.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    with open(os.path.join(args.out, "lora_pro_behaviour.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "lr", "final_full", "final_lora", "final_pro", "dist_lora_mean",
+                    "dist_lora_std", "dist_pro_mean", "dist_pro_std", "pro_closer", "pro_closer_seeds"])
+        w.writerows(rows)
+    try:
+        plot(res, os.path.join(args.out, "lora_pro_behaviour.png"), seeds=seeds)
+    except ImportError:
+        print("matplotlib not installed: no plot")
 
 
 if __name__ == "__main__":
