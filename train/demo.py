@@ -22,10 +22,11 @@ METHODS = ("lora", "lora-pro")
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=40, help="tokens per sentence (88%% of sentences fit in 40)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-len", type=int, default=32, help="tokens per sentence (70%% of sentences fit in 32)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--dropout", type=float, default=0.0, help="encoder dropout (0: a run of under one epoch)")
     p.add_argument("--eval-limit", type=int, default=1000, help="held-out sentences to evaluate on (of 2,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="minilm")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for method in METHODS:
         argv_m = ["--model", a.model, "--dataset", "lora_jax_movie_reviews", "--method", method,
                   "--rank", "8", "--alpha", "16", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-                  "--max-len", str(a.max_len), "--lr", str(a.lr), "--seed", str(a.seed),
+                  "--max-len", str(a.max_len), "--lr", str(a.lr), "--dropout", str(a.dropout), "--seed", str(a.seed),
                   "--eval-limit", str(a.eval_limit), "--eval-every", str(a.steps),
                   "--ckpt-every", str(a.steps), "--out", a.out, "--overwrite"]
         if a.quiet:
