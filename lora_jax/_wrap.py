@@ -13,7 +13,7 @@ import contextvars
 import functools
 import string
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.extend.core as jex
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import quax
 from jax import lax
 from jax._src.ad_checkpoint import remat_p
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import ArrayLike
 
 from lora_jax.node import LoRA, merge_node
@@ -112,10 +113,11 @@ def _letters():
 
 
 def _factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_is_rhs, params):
-    """``scale·(x@a)@b`` (or ``scale·(x@bᵀ)@aᵀ``) laid out as ``dot_general(x, w)`` would be.
+    """``dot_general(x, w) + scale·(x@a)@b`` (or ``… + scale·(x@bᵀ)@aᵀ``), laid out as
+    ``dot_general(x, w)`` would be. Callers have checked `_factored_dot_applies`.
 
-    Built as two einsums over shared axis letters, so any batch/contracting dims work; callers
-    have checked `_factored_dot_applies`.
+    The adapter path is written as einsums over shared axis letters, so any batch/contracting dims
+    work; `_factored_product` runs them.
     """
     nb = node.num_batch_axes
     ins = {nb + k for k, role in enumerate(node.roles) if role == "i"}
@@ -147,23 +149,141 @@ def _factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_
     first_spec, first_arr = (a_spec, node.a) if first == "a" else (b_spec, node.b)
     second_spec, second_arr = (b_spec, node.b) if first == "a" else (a_spec, node.a)
 
-    precision = params.get("precision")
+    def base(x, w):
+        return lax.dot_general_p.bind(*((x, w) if lora_is_rhs else (w, x)), **params)
+
     j = "".join
-    t = jnp.einsum(f"{j(x_spec)},{j(first_spec)}->{j(t_spec)}", _dropout(x, node), first_arr,
-                   precision=precision)
-    t = t * jnp.asarray(node.scale, t.dtype)
-    return jnp.einsum(f"{j(t_spec)},{j(second_spec)}->{j(out_spec)}", t, second_arr,
-                      precision=precision)
+    specs = _Specs(j(x_spec), j(w_spec), j(first_spec), j(t_spec), j(second_spec), j(out_spec))
+    xd = _dropout(x, node)
+    product = _factored_product(base, specs, node.scale, params.get("precision"))
+    out, = product(x, None if xd is x else xd, node.w, first_arr, second_arr)
+    return out
+
+
+class _Specs(NamedTuple):
+    """Einsum letters: ``base = x·w``, ``t = x·first`` (over `x`'s contracted axes),
+    ``delta = t·second``; `out` is laid out as ``dot_general(x, w)`` would be."""
+    x: str
+    w: str
+    first: str
+    t: str
+    second: str
+    out: str
+
+
+def _along(v, spec: str, target: str):
+    """`v` (axes named by `spec`) transposed and broadcastable to axes named by `target`."""
+    v = jnp.transpose(v, [spec.index(c) for c in target if c in spec])
+    return lax.expand_dims(v, [k for k, c in enumerate(target) if c not in spec])
+
+
+def _factored_product(base, s: _Specs, scale, precision):
+    """``f(x, xd, w, first, second) = base(x, w) + scale·(xd·first)·second``, with its own VJP.
+
+    Autodiff of ``base + t@second`` keeps two activation-sized buffers alive per product (XLA
+    fuses the add into every consumer, forward and backward, so both summands become residuals),
+    and transposes the adapter products into slow transposed-copy dots. Here:
+
+    * forward: ``delta`` is a multiply-reduce over the rank axis, which XLA fuses with the add
+      (and its consumers): only ``base`` and the rank-sized ``t`` are live, as in a frozen step;
+    * residuals: ``x``, ``w``, the factors and ``t`` (no activation-sized value of our own);
+    * backward: ``u = g·secondᵀ`` (rank-sized), ``d_second = tᵀg``, ``d_first = xdᵀ(s·u)`` as
+      direct einsums, and ``dx = g·wᵀ + (s·u)·firstᵀ`` with again a fused multiply-reduce.
+
+    ``xd`` is the adapter's (dropped-out) input, or None when it is `x`. A cotangent is formed
+    only for perturbed inputs (``symbolic_zeros``): the frozen `w` gets none, and if `w` is
+    differentiated after all, its true gradient ``dot_general``ᵀ(x, g) is returned.
+    """
+    def einsum(spec, *ops, like=None):
+        """With `like`: a cotangent, given its primal's sharding (as JAX's own transpose rules do;
+        needed when the contracted axes are sharded, e.g. the data axis)."""
+        sharding = None if like is None else jax.typeof(like).sharding
+        if sharding is not None and sharding.mesh.empty:
+            sharding = None
+        return jnp.einsum(spec, *ops, precision=precision, out_sharding=sharding)
+
+    def adapter_t(xd, first):
+        t = einsum(f"{s.x},{s.first}->{s.t}", xd, first)
+        return t * jnp.asarray(scale, t.dtype)
+
+    def mul_reduce(u, u_spec, v, v_spec, out_spec):
+        """``einsum(u, v)`` over the rank axis only, as a multiply-reduce that XLA fuses with
+        the add it feeds (a dot would give an activation-sized buffer of its own)."""
+        r = s.t[-1]
+        acc = jnp.promote_types(jnp.promote_types(u.dtype, v.dtype), jnp.float32)
+        target = out_spec + r
+        prod = _along(u.astype(acc), u_spec, target) * _along(v.astype(acc), v_spec, target)
+        return prod.sum(-1), acc
+
+    def combine(base_out, t, second):
+        delta, acc = mul_reduce(t, s.t, second, s.second, s.out)
+        return (base_out.astype(acc) + delta).astype(base_out.dtype)
+
+    @jax.custom_vjp
+    def product(x, xd, w, first, second):
+        t = adapter_t(x if xd is None else xd, first)
+        return (combine(base(x, w), t, second),)
+
+    def fwd(x, xd, w, first, second):
+        vals = [None if v is None else v.value for v in (x, xd, w, first, second)]
+        x_, xd_, w_, first_, second_ = vals
+        t = adapter_t(x_ if xd_ is None else xd_, first_)
+        out = combine(base(x_, w_), t, second_)
+        wanted = tuple(v is not None and v.perturbed for v in (x, xd, w, first, second))
+        return (out,), (_Static(wanted), x_, xd_, w_, first_, second_, t)
+
+    def bwd(res, cts):
+        wanted, x, xd, w, first, second, t = res
+        (g,) = cts
+        if isinstance(g, SymbolicZero):
+            return (None,) * 5
+        want_x, want_xd, want_w, want_first, want_second = wanted.value
+        xd_is_x = xd is None
+        su = None
+        if want_x or want_xd or want_first:
+            u = einsum(f"{s.out},{s.second}->{s.t}", g, second, like=t)
+            su = u * jnp.asarray(scale, u.dtype)
+        d_second = (einsum(f"{s.t},{s.out}->{s.second}", t, g, like=second).astype(second.dtype)
+                    if want_second else None)
+        # rank-sized operand first: XLA:CPU then transposes it, not the activation-sized one
+        d_first = (einsum(f"{s.t},{s.x}->{s.first}", su, x if xd_is_x else xd, like=first)
+                   .astype(first.dtype) if want_first else None)
+        dx = dxd = None
+        if want_x:  # `x`-side operand first: XLA:CPU then uses `w` in place, not a transposed copy
+            dx = einsum(f"{s.out},{s.w}->{s.x}", g, w, like=x)
+        if (want_x and xd_is_x) or want_xd:
+            ddelta, acc = mul_reduce(su, s.t, first, s.first, s.x)
+            if xd_is_x:
+                dx = dx.astype(acc) + ddelta
+            else:
+                dxd = ddelta.astype(xd.dtype)
+        dx = None if dx is None else dx.astype(x.dtype)
+        dw = einsum(f"{s.x},{s.out}->{s.w}", x, g, like=w).astype(w.dtype) if want_w else None
+        return dx, dxd, dw, d_first, d_second
+
+    product.defvjp(fwd, bwd, symbolic_zeros=True)
+    return product
+
+
+@jax.tree_util.register_static
+class _Static:
+    """A Python value carried through residuals as pytree structure, not as an array."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self.value == other.value
+
+    def __hash__(self):
+        return hash(self.value)
 
 
 def _dot(lhs, rhs, params):
     (lc, rc), (lb, rb) = params["dimension_numbers"]
-    base = lax.dot_general_p.bind(_w(lhs), _w(rhs), **params)
     if isinstance(rhs, LoRA):
-        delta = _factored_dot(lhs, rhs, lc, rc, lb, rb, True, params)
-    else:
-        delta = _factored_dot(rhs, lhs, rc, lc, rb, lb, False, params)
-    return base + delta.astype(base.dtype)
+        return _factored_dot(lhs, rhs, lc, rc, lb, rb, True, params)
+    return _factored_dot(rhs, lhs, rc, lc, rb, lb, False, params)
 
 
 def _w(x):
