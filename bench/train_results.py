@@ -19,8 +19,9 @@ tuned on the eval split:
   * LoRA-Pro AdamW 1e-4, full FT's: Algorithm 2 moves W by lr times the tangent-space projection
     of a full-shape Adam direction (entries ~1), i.e. full FT's AdamW step projected, so it takes
     full FT's learning rate. (A first try at 5e-4, reasoning that the projection shrinks the step,
-    collapsed: after ~50 steps the encoder output stopped depending on the input, loss ln 2, eval
-    accuracy 0.509 — those runs are listed as superseded in the report.)
+    was unstable: seed 0 collapsed after ~50 steps — the output stopped depending on the input,
+    loss ln 2, eval accuracy 0.509 — while seed 1 reached 0.785; those runs are listed as
+    superseded in the report.)
 
 Writes the table into bench/RESULTS.md under "## Fine-tuning MiniLM on movie reviews" (only that
 section; the file is re-read right before writing), the loss plot to
@@ -120,7 +121,7 @@ def report(a) -> str:
         if not rs:
             continue
         ck = rs[0].get("checkpoint_bytes")
-        ck_txt = f"{ck / 1e6:.1f} MB / {rs[0]['full_model_param_bytes'] / 1e6:.1f} MB" if ck else "n/a"
+        ck_txt = f"{ck / 1e6:.2f} MB / {rs[0]['full_model_param_bytes'] / 1e6:.1f} MB" if ck else "n/a"
         lines.append(
             f"| {LABEL[m]} | {rs[0]['lr']:g} | {rs[0]['trainable_params']:,} | {_ms([r['eval_acc'] for r in rs])} "
             f"| {_ms([r.get('train_eval_loss') for r in rs])} | {_ms([r['train_loss_last10pct'] for r in rs])} "
