@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import string
 import warnings
 from typing import Any, Callable, NamedTuple
@@ -250,7 +251,8 @@ def _factored_product(base, s: _Specs, scale, precision):
                    .astype(first.dtype) if want_first else None)
         dx = dxd = None
         if want_x:  # `x`-side operand first: XLA:CPU then uses `w` in place, not a transposed copy
-            dx = einsum(f"{s.out},{s.w}->{s.x}", g, w, like=x)
+            dx = _matmul(g, s.out, w, s.w, s.x, precision, jax.typeof(x).sharding)
+            dx = einsum(f"{s.out},{s.w}->{s.x}", g, w, like=x) if dx is None else dx
         if (want_x and xd_is_x) or want_xd:
             ddelta, acc = mul_reduce(su, s.t, first, s.first, s.x)
             if xd_is_x:
@@ -263,6 +265,25 @@ def _factored_product(base, s: _Specs, scale, precision):
 
     product.defvjp(fwd, bwd, symbolic_zeros=True)
     return product
+
+
+def _matmul(l, l_spec, r, r_spec, out_spec, precision, sharding):
+    """``einsum(l, r)`` as a 2-D ``l[M,K]·r[N,K]ᵀ`` (or ``r[K,N]``) when each operand's axes form
+    contiguous groups, else None. XLA:CPU takes a 2-D kernel with either layout in place, but
+    copies a transposed one of higher rank (e.g. a (d_model, heads, head_dim) attention kernel)."""
+    k = "".join(c for c in l_spec if c in r_spec)
+    m, n = l_spec[:len(l_spec) - len(k)], r_spec.replace(k, "")
+    if (any(c in out_spec for c in k) or l_spec != m + k or out_spec != m + n
+            or r_spec not in (n + k, k + n) or not sharding.mesh.empty):
+        return None
+    size = lambda v, letters, spec: math.prod(v.shape[spec.index(c)] for c in letters)
+    l2 = l.reshape(size(l, m, l_spec), size(l, k, l_spec))
+    r2 = r.reshape(size(r, r_spec[:len(r_spec) - len(k)] if r_spec == n + k else k, r_spec), -1)
+    contract = 1 if r_spec == n + k else 0
+    dtype = jnp.promote_types(l.dtype, r.dtype)  # as einsum would
+    out = lax.dot_general(l2.astype(dtype), r2.astype(dtype), (((1,), (contract,)), ((), ())),
+                          precision=precision)
+    return out.reshape([l.shape[l_spec.index(c)] for c in m] + [r.shape[r_spec.index(c)] for c in n])
 
 
 @jax.tree_util.register_static
