@@ -64,7 +64,8 @@ def wrap(fn: Callable, *, strict: bool = False) -> Callable:
     frozen, no gradient of `w`'s size exists. `jit`, `scan`, `while_loop`, `cond` and
     `checkpoint`/`remat` are traced through. Any other use of a LoRA operand materialises it with a
     `LoRAMaterializationWarning` naming the primitive; with ``strict=True`` it raises
-    `LoRAMaterializationError` instead.
+    `LoRAMaterializationError` instead. Factored `dot_general`s carry their own reverse-mode rule
+    (a `jax.custom_vjp`), so forward-mode `jax.jvp` through them raises JAX's custom_vjp error.
 
     The wrapped function takes one extra keyword, ``lora_dropout_key``: when given, each LoRA
     with ``dropout > 0`` drops its adapter input (PEFT's ``lora_dropout``) using a key folded from
