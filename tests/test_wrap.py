@@ -204,3 +204,22 @@ def test_wrong_layout_materialises_with_a_hint():
         lora_jax.wrap(fn, strict=True)(tree, x)
     fixed = adapted({"k": jnp.ones((4, 6, 5))}, rank=2, layout={"k": "ioo"})
     check_factored(fn, fixed, x)
+
+
+@pytest.mark.parametrize("lora_is_rhs", [True, False])
+def test_gradient_with_respect_to_w_is_exact_when_asked(lora_is_rhs):
+    """`w` gets no gradient in a LoRA step, but differentiating it anyway must not give zero."""
+    k = jax.random.split(KEY, 3)
+    tree = adapted({"k": jax.random.normal(k[0], (12, 7))}, rank=3)
+    x = jax.random.normal(k[1], (5, 12) if lora_is_rhs else (7, 4))
+    fn = (lambda p, x: x @ p["k"]) if lora_is_rhs else (lambda p, x: p["k"] @ x)
+    g = jax.random.normal(k[2], (5, 7) if lora_is_rhs else (12, 4))
+    node = tree["k"]
+
+    def via_wrap(w):
+        t = {"k": lora_jax.LoRA(w=w, a=node.a, b=node.b, scale=node.scale, roles=node.roles)}
+        return jnp.vdot(lora_jax.wrap(fn)(t, x), g)
+
+    got = jax.grad(via_wrap)(node.w)
+    want = jax.grad(lambda w: jnp.vdot(fn({"k": w + node.scale * node.a @ node.b}, x), g))(node.w)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
