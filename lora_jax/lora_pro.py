@@ -210,22 +210,29 @@ def lora_pro(*, x: str = "sylvester", damping: float = DEFAULT_DAMPING, rcond: f
     if not (isinstance(x, str) and x in X_CHOICES):
         raise ValueError(f"x must be one of {X_CHOICES}, got {x!r}")
     compute_dtype = _compute_dtype(compute_dtype)
-    warn = _WarnOnce("lora_pro")
+    return map_lora_gradients(
+        "lora_pro", lambda a, b, ga, gb, scale: adjust_matrices(
+            a, b, ga, gb, scale, x=x, damping=damping, rcond=rcond), compute_dtype)
+
+
+def map_lora_gradients(name: str, adjust, compute_dtype) -> optax.GradientTransformation:
+    """A stateless transformation: each LoRA node's (grad a, grad b), in matrix form and
+    `compute_dtype`, becomes ``adjust(a, b, ga, gb, scale)``; other leaves pass through."""
+    warn = _WarnOnce(name)
 
     def init_fn(params):
         warn.check(params)
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
-        require_params(params, "lora_pro")
-        u_leaves, p_leaves, u_def, _ = zip_lora(updates, params, "lora_pro")
+        require_params(params, name)
+        u_leaves, p_leaves, u_def, _ = zip_lora(updates, params, name)
         warn.check(params)
         out = []
         for u, p in zip(u_leaves, p_leaves):
             if is_lora(u):
                 a, b, ga, gb = _node_mats(p, u, compute_dtype)
-                ga2, gb2 = adjust_matrices(a, b, ga, gb, p.scale, x=x, damping=damping, rcond=rcond)
-                u = _with_ab(u, ga2, gb2)
+                u = _with_ab(u, *adjust(a, b, ga, gb, p.scale))
             out.append(u)
         return jax.tree_util.tree_unflatten(u_def, out), state
 

@@ -12,14 +12,12 @@ the optimizer: ``optax.chain(lora_jax.riemannian(), optax.sgd(lr))`` is scaled G
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 
 from lora_jax import _gram
 from lora_jax._gram import mT, mm
-from lora_jax.lora_pro import _WarnOnce, _compute_dtype, _node_mats, _with_ab, require_params, zip_lora
-from lora_jax.node import is_lora
+from lora_jax.lora_pro import _compute_dtype, map_lora_gradients
 
 
 def precondition_matrices(a, b, ga, gb, reg):
@@ -45,27 +43,8 @@ def riemannian(reg: float = 1e-2, *, compute_dtype=None) -> optax.GradientTransf
     """
     if reg <= 0:
         raise ValueError(f"reg must be positive, got {reg}")
-    compute_dtype = _compute_dtype(compute_dtype)
-    warn = _WarnOnce("riemannian")
-
-    def init_fn(params):
-        warn.check(params)
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        require_params(params, "riemannian")
-        u_leaves, p_leaves, u_def, _ = zip_lora(updates, params, "riemannian")
-        warn.check(params)
-        out = []
-        for u, p in zip(u_leaves, p_leaves):
-            if is_lora(u):
-                a, b, ga, gb = _node_mats(p, u, compute_dtype)
-                ga2, gb2 = precondition_matrices(a, b, ga, gb, reg)
-                u = _with_ab(u, ga2, gb2)
-            out.append(u)
-        return jax.tree_util.tree_unflatten(u_def, out), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return map_lora_gradients("riemannian", lambda a, b, ga, gb, scale: precondition_matrices(
+        a, b, ga, gb, reg), _compute_dtype(compute_dtype))
 
 
 __all__ = ["precondition_matrices", "riemannian"]
