@@ -8,13 +8,12 @@ with a `LoRAMaterializationWarning` naming the primitive, or raises under ``stri
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import math
 import string
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.extend.core as jex
@@ -308,10 +307,6 @@ def _dot(lhs, rhs, params):
     return _factored_dot(rhs, lhs, rc, lc, rb, lb, False, params)
 
 
-def _w(x):
-    return x.w if isinstance(x, LoRA) else x
-
-
 def _dot_or_materialise(lhs, rhs, params):
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     node = rhs if isinstance(rhs, LoRA) else lhs
@@ -358,7 +353,7 @@ def _(lhs: LoRA, rhs: LoRA, **params):
 @quax.register(lax.conv_general_dilated_p)
 def _(lhs: ArrayLike, rhs: LoRA, **params):
     dn = params["dimension_numbers"]
-    out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]
+    out_dim = dn.rhs_spec[0]
     expected = "".join("o" if d == out_dim else "i" for d in range(rhs.w.ndim))
     if (rhs.num_batch_axes or rhs.roles != expected or params["feature_group_count"] != 1
             or params["batch_group_count"] != 1):

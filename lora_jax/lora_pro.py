@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from lora_jax import _gram
-from lora_jax._gram import Eig, mT, mm
+from lora_jax._gram import mT, mm
 from lora_jax.node import LoRA, is_lora
 
 X_CHOICES = ("sylvester", "zero", "symmetric")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from lora_jax import _gram
 from lora_jax._gram import mT, mm
 from lora_jax.lora_pro import _compute_dtype, map_lora_gradients
 

@@ -1,6 +1,5 @@
 """`apply`, `split`, `combine`, `merge`: inits against float64 NumPy, targeting, and errors."""
 
-import re
 
 import jax
 import jax.numpy as jnp

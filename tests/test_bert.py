@@ -20,7 +20,6 @@ from train.bert import (  # noqa: E402
     LORA_TARGETS,
     BertConfig,
     BertEncoder,
-    Classifier,
     convert_state_dict,
     init_classifier,
     load_hf_safetensors,
