@@ -4,12 +4,15 @@ The core issue's benchmark: Flax Linen encoder, 4 layers, d_model 512, FFN 2048,
 LoRA rank 8 on q, k, v, o and both FFN kernels; train step = value and grad wrt `trainable`.
 """
 
+import math
+
 import jax
 import jax.extend.core as jex
 import pytest
 
 import lora_jax
 from bench import transformer as T
+from bench.factored_memory import activation_residual_bytes
 
 
 def compiled_steps(scan):
@@ -69,16 +72,46 @@ def test_no_frozen_kernel_sized_gradient_is_computed(steps):
     assert bad
 
 
-def test_lora_step_temp_memory_against_full_finetuning(steps):
-    """Temp bytes of the LoRA step against full FT's, plus full FT's gradient outputs.
+MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
-    Full FT returns a full-size gradient per kernel (output bytes, not temp); the LoRA step does not.
-    On XLA:CPU the LoRA step's temp alone can exceed full FT's temp (its heap packs the extra
-    activation-sized summand of ``x@w + s·(x@a)@b`` differently): the figures are printed and the
-    bound asserted is on temp + outputs, the live bytes of the step.
+
+def test_lora_step_keeps_no_more_activations_than_full_finetuning(steps):
+    """What the backward pass keeps from the forward (JAX's saved residuals, weights excluded):
+    the LoRA step keeps full FT's activations at most, plus its rank-sized ``t = x@a`` per
+    adapted product. Exact, and independent of how a backend schedules or packs buffers."""
+    scan, (model, trainable, frozen, x, y, *_) = steps
+    adapted = lora_jax.combine(trainable, frozen)
+    full, lora = activation_residual_bytes(model, trainable, frozen, lora_jax.merge(adapted), x, y)
+    nodes = [n for n in jax.tree.leaves(adapted, is_leaf=lora_jax.is_lora) if lora_jax.is_lora(n)]
+    tokens = x.shape[0] * x.shape[1]
+    t_bytes = sum(math.prod(n.w.shape[:n.num_batch_axes]) * tokens * n.rank * 4 for n in nodes)
+    print(f"scan={scan}: activation residuals full {full / 1e6:.2f} MB, LoRA {lora / 1e6:.2f} MB "
+          f"(rank-sized t: {t_bytes / 1e6:.2f} MB)")
+    assert lora <= full + t_bytes
+
+
+def test_lora_step_temp_memory_against_full_finetuning(steps):
+    """XLA temp bytes of the LoRA step against full FT's (`memory_analysis`).
+
+    Under a memory-minimising schedule (XLA:CPU's ``CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``) the
+    unrolled LoRA step needs less temp than full FT. With ``nn.scan`` it needs 0.8% more: both keep
+    the same stacked residuals, but full FT's stacked gradient accumulators are outputs, and the
+    LoRA loop also carries its adapters and ``t`` stacks. XLA:CPU's default scheduler is
+    concurrency-optimised and keeps more buffers live; there full FT also parks forward
+    temporaries in its gradient output buffers (counted as output, not temp), so the bound under
+    that schedule is on temp + output, the step's live bytes.
     """
-    scan, (*_, full, lora) = steps
+    scan, (model, trainable, frozen, x, y, full, lora) = steps
     f, l = full.memory_analysis(), lora.memory_analysis()
-    print(f"scan={scan}: temp LoRA/full = {l.temp_size_in_bytes / f.temp_size_in_bytes:.3f}; "
-          f"temp+out LoRA/full = {(l.temp_size_in_bytes + l.output_size_in_bytes) / (f.temp_size_in_bytes + f.output_size_in_bytes):.3f}")
-    assert l.temp_size_in_bytes + l.output_size_in_bytes <= 1.15 * (f.temp_size_in_bytes + f.output_size_in_bytes)
+    live = lambda m: m.temp_size_in_bytes + m.output_size_in_bytes
+    full_mem = jax.jit(T.full_step(model)).lower(
+        lora_jax.merge(lora_jax.combine(trainable, frozen)), x, y).compile(
+            compiler_options=MEMORY_SCHEDULER).memory_analysis()
+    lora_mem = jax.jit(T.lora_step(model)).lower(trainable, frozen, x, y).compile(
+        compiler_options=MEMORY_SCHEDULER).memory_analysis()
+    ratio_mem = lora_mem.temp_size_in_bytes / full_mem.temp_size_in_bytes
+    print(f"scan={scan}: temp LoRA/full = {ratio_mem:.3f} (memory-optimised schedule), "
+          f"{l.temp_size_in_bytes / f.temp_size_in_bytes:.3f} (default); "
+          f"temp+out LoRA/full = {live(l) / live(f):.3f} (default)")
+    assert ratio_mem <= (1.01 if scan else 1.0)
+    assert live(l) <= 0.95 * live(f)
