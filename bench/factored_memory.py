@@ -27,6 +27,8 @@ from bench import transformer as T
 
 SCHEDULERS = {"default": None,
               "memory": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+if jax.default_backend() != "cpu":  # accelerator backends schedule for memory already
+    SCHEDULERS = {"default": None}
 
 
 def steps(scan: bool):
