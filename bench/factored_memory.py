@@ -31,10 +31,8 @@ if jax.default_backend() != "cpu":  # accelerator backends schedule for memory a
     SCHEDULERS = {"default": None}
 
 
-def steps(scan: bool):
+def steps(model, params, trainable, frozen, x, y):
     """{name: (step fn, args)} for one model layout."""
-    model, params, x, y = T.init(T.Config(scan=scan))
-    trainable, frozen = lora_jax.split(lora_jax.apply(params, rank=8))
     loss = T.loss_fn(model)
     frozen_step = jax.value_and_grad(lambda x, p, y: loss(p, x, y))
     return {"full": (T.full_step(model), (params, x, y)),
@@ -67,7 +65,7 @@ def main(rounds: int):
         residuals.append(("scan" if scan else "unrolled",
                           *activation_residual_bytes(model, trainable, frozen, params, x, y)))
         compiled = {(name, sched): (jax.jit(fn).lower(*args).compile(compiler_options=opts), args)
-                    for name, (fn, args) in steps(scan).items()
+                    for name, (fn, args) in steps(model, params, trainable, frozen, x, y).items()
                     for sched, opts in SCHEDULERS.items()}
         times = {key: [] for key in compiled}
         for fn, args in compiled.values():  # warm-up

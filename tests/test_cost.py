@@ -12,7 +12,7 @@ import pytest
 
 import lora_jax
 from bench import transformer as T
-from bench.factored_memory import activation_residual_bytes
+from bench.factored_memory import SCHEDULERS, activation_residual_bytes
 
 
 def compiled_steps(scan):
@@ -20,7 +20,7 @@ def compiled_steps(scan):
     trainable, frozen = lora_jax.split(lora_jax.apply(params, rank=8))
     full = jax.jit(T.full_step(model)).lower(params, x, y).compile()
     lora = jax.jit(T.lora_step(model)).lower(trainable, frozen, x, y).compile()
-    return model, trainable, frozen, x, y, full, lora
+    return model, params, trainable, frozen, x, y, full, lora
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scan"])
@@ -53,7 +53,7 @@ def _subjaxprs(eqn):
 
 
 def test_no_frozen_kernel_sized_gradient_is_computed(steps):
-    scan, (model, trainable, frozen, x, y, full, lora) = steps
+    scan, (model, _, trainable, frozen, x, y, full, lora) = steps
     kernels = {tuple(n.w.shape) for n in jax.tree.leaves(frozen, is_leaf=lora_jax.is_lora)
                if lora_jax.is_lora(n)}
     # per-layer slices of stacked kernels too
@@ -72,19 +72,17 @@ def test_no_frozen_kernel_sized_gradient_is_computed(steps):
     assert bad
 
 
-MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
 def test_lora_step_keeps_no_more_activations_than_full_finetuning(steps):
     """What the backward pass keeps from the forward (JAX's saved residuals, weights excluded):
     the LoRA step keeps full FT's activations at most, plus its rank-sized ``t = x@a`` per
     adapted product. Exact, and independent of how a backend schedules or packs buffers."""
-    scan, (model, trainable, frozen, x, y, *_) = steps
+    scan, (model, params, trainable, frozen, x, y, *_) = steps
+    full, lora = activation_residual_bytes(model, trainable, frozen, params, x, y)
     adapted = lora_jax.combine(trainable, frozen)
-    full, lora = activation_residual_bytes(model, trainable, frozen, lora_jax.merge(adapted), x, y)
     nodes = [n for n in jax.tree.leaves(adapted, is_leaf=lora_jax.is_lora) if lora_jax.is_lora(n)]
     tokens = x.shape[0] * x.shape[1]
-    t_bytes = sum(math.prod(n.w.shape[:n.num_batch_axes]) * tokens * n.rank * 4 for n in nodes)
+    t_bytes = sum(math.prod(n.a.shape[:n.num_batch_axes]) * tokens * n.rank * x.dtype.itemsize
+                  for n in nodes)
     print(f"scan={scan}: activation residuals full {full / 1e6:.2f} MB, LoRA {lora / 1e6:.2f} MB "
           f"(rank-sized t: {t_bytes / 1e6:.2f} MB)")
     assert lora <= full + t_bytes
@@ -101,14 +99,14 @@ def test_lora_step_temp_memory_against_full_finetuning(steps):
     temporaries in its gradient output buffers (counted as output, not temp), so the bound under
     that schedule is on temp + output, the step's live bytes.
     """
-    scan, (model, trainable, frozen, x, y, full, lora) = steps
+    scan, (model, params, trainable, frozen, x, y, full, lora) = steps
     f, l = full.memory_analysis(), lora.memory_analysis()
     live = lambda m: m.temp_size_in_bytes + m.output_size_in_bytes
-    full_mem = jax.jit(T.full_step(model)).lower(
-        lora_jax.merge(lora_jax.combine(trainable, frozen)), x, y).compile(
-            compiler_options=MEMORY_SCHEDULER).memory_analysis()
+    memory = SCHEDULERS["memory"]
+    full_mem = jax.jit(T.full_step(model)).lower(params, x, y).compile(
+        compiler_options=memory).memory_analysis()
     lora_mem = jax.jit(T.lora_step(model)).lower(trainable, frozen, x, y).compile(
-        compiler_options=MEMORY_SCHEDULER).memory_analysis()
+        compiler_options=memory).memory_analysis()
     ratio_mem = lora_mem.temp_size_in_bytes / full_mem.temp_size_in_bytes
     print(f"scan={scan}: temp LoRA/full = {ratio_mem:.3f} (memory-optimised schedule), "
           f"{l.temp_size_in_bytes / f.temp_size_in_bytes:.3f} (default); "
