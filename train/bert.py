@@ -10,6 +10,9 @@
   ``roberta.``; legacy LayerNorm ``gamma``/``beta``) mapped onto the Linen tree, Linear weights
   transposed to (in, out); missing or unexpected keys raise, listing them.
 * `init_classifier(config, num_classes, key, encoder_params)`: loaded encoder + fresh head.
+* `attention(q, k, v, mask)`: `jax.nn.dot_product_attention` with the padding mask, cuDNN's
+  fused kernel on GPU (bf16/fp16) and XLA's elsewhere; training calls with attention
+  dropout take `attention_with_dropout` (materialised probabilities) instead.
 
 Every projection is a plain 2-D ``nn.Dense`` named ``query``, ``key``, ``value``,
 ``attention_output``, ``intermediate`` or ``output``, so LoRA targets are one regex, e.g.::
@@ -30,6 +33,7 @@ Parameter tree of `BertEncoder` (layer i)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -113,6 +117,71 @@ class BertConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# attention
+
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def attention_implementation(dtype, head_dim: int, seq_len: int) -> str:
+    """The kernel ``implementation=None`` resolves to: ``"cudnn"`` (cuDNN's fused flash
+    attention) on a GPU backend for bf16/fp16 inputs, a head dim that is a multiple of 8 and at
+    most 128, and an even sequence length (cuDNN's conditions for a masked training step), else
+    ``"xla"``. JAX's own ``implementation=None`` always means XLA (jax ≤ 0.11), hence this choice.
+    On GPU, `attention` still falls back to XLA if cuDNN then refuses the call."""
+    fits = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim % 8 == 0 and head_dim <= 128 and seq_len % 2 == 0)
+    return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+
+
+@functools.partial(jax.jit, static_argnames="implementation")
+def _fused_attention(q, k, v, mask, implementation: str):
+    """`jax.nn.dot_product_attention` under its own `jax.jit`. cuDNN's kernel is a
+    `jax.custom_vjp`, which quax (under `lora_jax.wrap`) cannot trace directly; as a nested
+    jitted call it is staged to a jaxpr first and quax passes it through untouched."""
+    B, T = q.shape[:2]
+    if implementation == "cudnn":  # cuDNN takes a mask as a (B, 1, T, S) bias only
+        mask = jnp.broadcast_to(mask[:, None, None, :], (B, 1, T, mask.shape[-1]))
+    else:
+        mask = mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def attention(q, k, v, mask, *, implementation: str | None = None):
+    """Softmax attention of (B, T, heads, head_dim) `q`, `k`, `v` (the layout
+    `jax.nn.dot_product_attention` takes) over the keys where the (B, S) bool `mask` is True;
+    returns (B, T, heads, head_dim). Logits and softmax in float32, as HF's fp32 softmax.
+
+    `implementation`: None picks per `attention_implementation` (cuDNN on GPU where it applies,
+    XLA elsewhere, falling back to XLA if cuDNN refuses the shapes at trace time); "xla" or
+    "cudnn" force one (a forced "cudnn" raises where cuDNN cannot run).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} not one of "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
+    if implementation is not None:
+        return _fused_attention(q, k, v, mask, implementation)
+    chosen = attention_implementation(q.dtype, q.shape[-1], q.shape[1])
+    if chosen == "cudnn":
+        try:
+            return _fused_attention(q, k, v, mask, "cudnn")
+        except (NotImplementedError, RuntimeError):  # cuDNN's shape/version/device checks
+            pass
+    return _fused_attention(q, k, v, mask, "xla")
+
+
+def attention_with_dropout(q, k, v, mask, dropout: nn.Dropout, deterministic: bool):
+    """`attention`'s maths with dropout on the attention probabilities (HF's
+    ``attention_probs_dropout_prob``), which `jax.nn.dot_product_attention` cannot apply: the
+    scores and probabilities are materialised as (B, heads, T, S). Used only when attention
+    dropout is active in a training call."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+# --------------------------------------------------------------------------------------------
 # modules
 
 
@@ -153,11 +222,17 @@ class BertEmbeddings(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One post-LN transformer layer, as HF ``BertLayer``."""
+    """One post-LN transformer layer, as HF ``BertLayer``.
+
+    Attention runs through `attention` (`jax.nn.dot_product_attention`; cuDNN's fused kernel on
+    GPU) except in a training call (``deterministic=False``) with a nonzero
+    ``attention_probs_dropout_prob``, which takes `attention_with_dropout`.
+    """
 
     config: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str | None = None  # `attention`'s implementation: None (auto), "xla", "cudnn"
 
     @nn.compact
     def __call__(self, h, mask, deterministic: bool = True):
@@ -168,12 +243,12 @@ class BertLayer(nn.Module):
         q = heads(_dense(cfg, H, "query", dt, pdt)(h))
         k = heads(_dense(cfg, H, "key", dt, pdt)(h))
         v = heads(_dense(cfg, H, "value", dt, pdt)(h))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(B, T, H)
-        a = _dense(cfg, H, "attention_output", dt, pdt)(ctx)
+        if not deterministic and cfg.attention_probs_dropout_prob > 0:
+            dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+            ctx = attention_with_dropout(q, k, v, mask, dropout, deterministic)
+        else:
+            ctx = attention(q, k, v, mask, implementation=self.attention)
+        a = _dense(cfg, H, "attention_output", dt, pdt)(ctx.reshape(B, T, H))
         a = nn.Dropout(cfg.hidden_dropout_prob)(a, deterministic=deterministic)
         h = _layer_norm(cfg, "attention_LayerNorm", dt, pdt)(h + a)
         f = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate", dt, pdt)(h))
@@ -188,13 +263,15 @@ class BertEncoder(nn.Module):
     With ``with_pooler=True`` returns ``(hidden, pooled)``, pooled = tanh(dense(hidden[:, 0])).
     `attention_mask` (B, T), 1 for real tokens and 0 for padding, defaults to all ones;
     `token_type_ids` default to zeros and `position_ids` to HF's defaults (`position_ids_for`).
-    Enable dropout with ``deterministic=False`` and a ``"dropout"`` rng.
+    Enable dropout with ``deterministic=False`` and a ``"dropout"`` rng. `attention` picks the
+    attention kernel (see `attention`; None: cuDNN on GPU where it applies, else XLA).
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     with_pooler: bool = False
+    attention: str | None = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -211,7 +288,8 @@ class BertEncoder(nn.Module):
         h = BertEmbeddings(cfg, self.dtype, self.param_dtype, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic)
         for i in range(cfg.num_hidden_layers):
-            h = BertLayer(cfg, self.dtype, self.param_dtype, name=f"layer_{i}")(h, mask, deterministic)
+            h = BertLayer(cfg, self.dtype, self.param_dtype, self.attention, name=f"layer_{i}")(
+                h, mask, deterministic)
         if not self.with_pooler:
             return h
         pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", self.dtype, self.param_dtype)(h[:, 0]))
@@ -242,6 +320,7 @@ class Classifier(nn.Module):
     dropout_rate: float | None = None  # before the head; None: config.hidden_dropout_prob
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str | None = None  # the encoder's attention kernel (`attention`)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
@@ -251,7 +330,8 @@ class Classifier(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         enc = BertEncoder(self.config, self.dtype, self.param_dtype,
-                          with_pooler=self.pooling == "pooler", name="encoder")
+                          with_pooler=self.pooling == "pooler", attention=self.attention,
+                          name="encoder")
         out = enc(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         if self.pooling == "pooler":
             x = out[1]
@@ -264,7 +344,7 @@ class Classifier(nn.Module):
 
 def init_classifier(config: BertConfig, num_classes: int, key: jax.Array, encoder_params=None, *,
                     pooling: str = "mean", dropout_rate: float | None = None,
-                    dtype=jnp.float32, param_dtype=jnp.float32):
+                    dtype=jnp.float32, param_dtype=jnp.float32, attention: str | None = None):
     """``(model, variables)``: a `Classifier` and its ``{"params": {"encoder": …, "head": …}}``.
 
     `encoder_params` (from `load_hf_safetensors`, which must include the pooler for
@@ -273,7 +353,7 @@ def init_classifier(config: BertConfig, num_classes: int, key: jax.Array, encode
     model is initialised at random.
     """
     model = Classifier(config, num_classes, pooling=pooling, dropout_rate=dropout_rate,
-                       dtype=dtype, param_dtype=param_dtype)
+                       dtype=dtype, param_dtype=param_dtype, attention=attention)
     if encoder_params is None:
         variables = model.init(key, jnp.zeros((1, 8), jnp.int32))
         return model, variables
