@@ -204,6 +204,14 @@ def position_ids_for(config: BertConfig, input_ids):
 
 
 class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout.
+
+    Rows are gathered in `param_dtype` and then cast to `dtype` (the same values as casting the
+    table first), so the lookups' gradient, a scatter-add of every token's cotangent into its
+    row, accumulates in `param_dtype`: a bf16 scatter-add rounds at every addition (all tokens
+    share one token-type row) and is slow on GPU.
+    """
+
     config: BertConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -212,11 +220,15 @@ class BertEmbeddings(nn.Module):
     def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool = True):
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
-        embed = lambda n, size: nn.Embed(size, cfg.hidden_size, name=n, dtype=self.dtype,
-                                         param_dtype=self.param_dtype, embedding_init=init)
-        x = (embed("word_embeddings", cfg.vocab_size)(input_ids)
-             + embed("position_embeddings", cfg.max_position_embeddings)(position_ids)
-             + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids))
+
+        def embed(name, size, ids):
+            table = nn.Embed(size, cfg.hidden_size, name=name, dtype=self.param_dtype,
+                             param_dtype=self.param_dtype, embedding_init=init)
+            return table(ids).astype(self.dtype)
+
+        x = (embed("word_embeddings", cfg.vocab_size, input_ids)
+             + embed("position_embeddings", cfg.max_position_embeddings, position_ids)
+             + embed("token_type_embeddings", cfg.type_vocab_size, token_type_ids))
         x = _layer_norm(cfg, "LayerNorm", self.dtype, self.param_dtype)(x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
