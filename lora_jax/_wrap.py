@@ -71,19 +71,44 @@ def wrap(fn: Callable, *, strict: bool = False) -> Callable:
     it; when omitted, no dropout is applied (evaluation). Inside `scan` bodies the layers of one
     call share a mask, since the body is traced once.
     """
-    quaxified = quax.quaxify(fn)
-
     @functools.wraps(fn)
     def wrapped(*args, lora_dropout_key=None, **kwargs):
         strict_token = _STRICT.set(strict)
         drop_token = _DROPOUT.set(None if lora_dropout_key is None else [lora_dropout_key, 0])
         try:
-            return quaxified(*args, **kwargs)
+            return _call_flat(fn, args, kwargs)
         finally:
             _STRICT.reset(strict_token)
             _DROPOUT.reset(drop_token)
 
     return wrapped
+
+
+def _call_flat(fn, args, kwargs):
+    """``quax.quaxify(fn)(*args, **kwargs)``, with the argument and result trees taken apart and
+    rebuilt outside quax's machinery: quax sees flat lists of leaves only.
+
+    quax maps over the trees it is given while JAX's current trace is *taken* (``None`` from jax
+    0.11), and rebuilding a container there runs its unflatten code outside any trace. Flax NNX
+    `Variable`s record the trace they were created in at unflatten (and check it on every update),
+    so they must be rebuilt where `fn` runs: inside the quax trace, as here, never in between.
+    """
+    # `fn` too: it may be a pytree holding LoRA nodes (an Equinox module, say)
+    leaves, treedef = jax.tree_util.tree_flatten((fn, args, kwargs), is_leaf=_is_node)
+    out_tree = []
+
+    def flat_fn(*leaves):
+        fn, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+        out, tree = jax.tree_util.tree_flatten(fn(*args, **kwargs), is_leaf=_is_node)
+        out_tree.append(tree)
+        return out
+
+    out = quax.quaxify(flat_fn)(*leaves)
+    return jax.tree_util.tree_unflatten(out_tree[-1], out)
+
+
+def _is_node(x) -> bool:
+    return isinstance(x, quax.ArrayValue)
 
 
 def _default(primitive, values, params, why: str = "which has no factored rule"):

@@ -64,10 +64,10 @@ def test_dense_general_multi_axis_kernels():
     check_factored(fn, tree, x)
 
 
-def test_attention_kernels_get_roles_by_default():
+def test_attention_kernels_get_roles_from_layout_of():
     x = jax.random.normal(KEY, (2, 6, 32))
     params, fn = linen(nn.MultiHeadDotProductAttention(num_heads=4), x, x)
-    tree = adapted(params, rank=4)
+    tree = adapted(params, rank=4, layout=lora_jax.layout_of(fn, params, x, x))
     assert tree["query"]["kernel"].roles == "ioo" and tree["out"]["kernel"].roles == "iio"
     check_factored(fn, tree, x, x)
 
@@ -122,7 +122,7 @@ SMALL = dict(layers=2, d_model=32, d_ff=64, heads=4, batch=2, seq=8)
 @pytest.mark.parametrize("scan,remat", [(False, False), (True, False), (False, True), (True, True)])
 def test_transformer_scan_and_remat(scan, remat):
     model, params, x, y = T.init(T.Config(scan=scan, remat=remat, **SMALL))
-    tree = adapted(params, rank=4)
+    tree = randomize_adapters(T.adapt(model, params, x, rank=4), jax.random.key(11))
     nodes = [n for n in jax.tree_util.tree_leaves(tree, is_leaf=lora_jax.is_lora) if lora_jax.is_lora(n)]
     assert len(nodes) == (6 if scan else 12)
     if scan:
@@ -143,6 +143,65 @@ def test_nnx_model_through_split_merge():
     tree = adapted(state, rank=3)
     x = jax.random.normal(KEY, (4, 12))
     check_factored(lambda st, x: nnx.merge(graphdef, st)(x), tree, x)
+
+
+class _StatefulMLP(nnx.Module):
+    """NNX layers that update their own state when called: batch statistics and an RNG counter."""
+
+    def __init__(self, rngs):
+        self.up = nnx.Linear(12, 24, rngs=rngs)
+        self.bn = nnx.BatchNorm(24, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.down = nnx.Linear(24, 5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(self.drop(self.bn(nnx.gelu(self.up(x)))))
+
+
+def _stateful_call(graphdef):
+    def call(state, x):
+        model = nnx.merge(graphdef, state)
+        return model(x), nnx.state(model)
+    return call
+
+
+def test_nnx_model_updating_its_state_matches_the_merged_model():
+    """NNX Variables are rebuilt inside the trace `fn` runs in, so layers may update them (this
+    raised flax's TraceContextError when quax rebuilt the Variables outside that trace)."""
+    graphdef, state = nnx.split(_StatefulMLP(nnx.Rngs(0, dropout=1)))
+    tree = adapted(state, rank=3)
+    x = jax.random.normal(KEY, (4, 12))
+    call = _stateful_call(graphdef)
+    y, new_state = jax.jit(lora_jax.wrap(call))(tree, x)
+    y_ref, ref_state = jax.jit(call)(lora_jax.merge(tree), x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    moved = dict(nnx.to_flat_state(new_state))
+    ref = dict(nnx.to_flat_state(ref_state))
+    for path in [("bn", "mean"), ("bn", "var"), ("drop", "rngs", "count")]:
+        np.testing.assert_allclose(moved[path][...], ref[path][...], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(moved[("bn", "mean")][...], 0.0)  # the statistics did move
+    assert lora_jax.is_lora(moved[("up", "kernel")].get_value())  # adapters come back factored
+
+
+def test_nnx_through_wrap_when_taking_the_trace_leaves_none(monkeypatch):
+    """jax >= 0.11 sets the current trace to ``None`` inside `take_current_trace` (older jax: the
+    eval trace), and flax asserts a trace exists whenever it builds a Variable. quax maps over its
+    inputs inside that block, so Variables must not be rebuilt there. Emulated here on any jax."""
+    from jax._src import core
+
+    def take_to_none(self):
+        self.prev = core.trace_ctx.trace
+        core.trace_ctx.set_trace(None)
+        return self.prev
+
+    graphdef, state = nnx.split(_StatefulMLP(nnx.Rngs(0, dropout=1)))
+    tree = adapted(state, rank=3)
+    x = jnp.ones((4, 12))
+    monkeypatch.setattr(core.TakeCurrentTraceContextManager, "__enter__", take_to_none)
+    y, _ = jax.jit(lora_jax.wrap(_stateful_call(graphdef)))(tree, x)
+    monkeypatch.undo()
+    np.testing.assert_allclose(y, jax.jit(_stateful_call(graphdef))(lora_jax.merge(tree), x)[0],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_equinox_model():
@@ -196,7 +255,7 @@ def test_dropout_only_touches_the_adapter_path():
 
 
 def test_wrong_layout_materialises_with_a_hint():
-    tree = adapted({"k": jnp.ones((4, 6, 5))}, rank=2)  # default roles: (batch 4, in 6, out 5)
+    tree = adapted({"k": jnp.ones((4, 6, 5))}, rank=2, layout={"k": "io"})  # (batch 4, in 6, out 5)
     fn = lambda p, x: jnp.einsum("bi,ijo->bjo", x, p["k"])  # noqa: E731  contracts axis 0
     x = jnp.ones((3, 4))
     with pytest.raises(lora_jax.LoRAMaterializationError, match=r"contracts its axes \(0,\).*layout"):
