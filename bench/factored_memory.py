@@ -61,7 +61,7 @@ def main(rounds: int):
     rows, residuals = [], []
     for scan in (False, True):
         model, params, x, y = T.init(T.Config(scan=scan))
-        trainable, frozen = lora_jax.split(lora_jax.apply(params, rank=8))
+        trainable, frozen = lora_jax.split(T.adapt(model, params, x, rank=8))
         residuals.append(("scan" if scan else "unrolled",
                           *activation_residual_bytes(model, trainable, frozen, params, x, y)))
         compiled = {(name, sched): (jax.jit(fn).lower(*args).compile(compiler_options=opts), args)

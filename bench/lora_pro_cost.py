@@ -43,7 +43,7 @@ def main():
 
     cfg = tb.Config(scan=args.scan)
     model, params, x, y = tb.init(cfg)
-    adapted = lora_jax.apply(params, rank=args.rank, alpha=2 * args.rank)
+    adapted = tb.adapt(model, params, x, rank=args.rank, alpha=2 * args.rank)
     trainable, frozen = lora_jax.split(adapted)
     vg = tb.lora_step(model)
     lr = 1e-4

@@ -1,7 +1,9 @@
 """The benchmark model of the core issue: a Flax Linen transformer encoder.
 
 4 layers, d_model 512, FFN 2048, 8 heads, batch 8×128 tokens; LoRA (rank 8) on q, k, v, o and both
-FFN kernels, which is exactly what `lora_jax.apply`'s default targets pick here.
+FFN kernels, which is exactly what `lora_jax.apply`'s default targets pick here. Attention is Flax's
+`nn.MultiHeadDotProductAttention` (DenseGeneral kernels) or, with ``attention="dense"``, plain
+`nn.Dense` q/k/v/o named query/key/value/out. `adapt` gives `apply` the layout `layout_of` reads.
 """
 
 from __future__ import annotations
@@ -26,6 +28,21 @@ class Config:
     scan: bool = False
     remat: bool = False
     dtype: jnp.dtype = jnp.float32
+    attention: str = "mha"  # "mha": nn.MultiHeadDotProductAttention; "dense": plain nn.Dense q/k/v/o
+
+
+class DenseAttention(nn.Module):
+    """Self-attention with plain (d_model, d_model) Dense projections, as many ports have."""
+    cfg: Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        split = lambda h: h.reshape(h.shape[:-1] + (cfg.heads, cfg.d_model // cfg.heads))
+        q, k, v = (split(nn.Dense(cfg.d_model, dtype=cfg.dtype, name=n)(x))
+                   for n in ("query", "key", "value"))
+        h = nn.dot_product_attention(q, k, v, dtype=cfg.dtype)
+        return nn.Dense(cfg.d_model, dtype=cfg.dtype, name="out")(h.reshape(x.shape))
 
 
 class Block(nn.Module):
@@ -35,7 +52,10 @@ class Block(nn.Module):
     def __call__(self, x, _=None):
         cfg = self.cfg
         h = nn.LayerNorm(dtype=cfg.dtype)(x)
-        h = nn.MultiHeadDotProductAttention(num_heads=cfg.heads, dtype=cfg.dtype, name="attn")(h, h)
+        if cfg.attention == "dense":
+            h = DenseAttention(cfg, name="attn")(h)
+        else:
+            h = nn.MultiHeadDotProductAttention(num_heads=cfg.heads, dtype=cfg.dtype, name="attn")(h, h)
         x = x + h
         h = nn.LayerNorm(dtype=cfg.dtype)(x)
         h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, name="ffn_in")(h)
@@ -75,6 +95,13 @@ def loss_fn(model):
         out = model.apply({"params": params}, x)
         return jnp.mean((out.astype(jnp.float32) - y.astype(jnp.float32)) ** 2)
     return loss
+
+
+def adapt(model, params, x, **kwargs):
+    """``lora_jax.apply(params, layout=layout_of(model), **kwargs)``: the attention and the
+    scan-stacked kernels have 3 or more axes, whose roles `apply` does not guess."""
+    layout = lora_jax.layout_of(lambda p, x: model.apply({"params": p}, x), params, x)
+    return lora_jax.apply(params, layout=layout, **kwargs)
 
 
 def full_step(model):

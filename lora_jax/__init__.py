@@ -2,6 +2,7 @@
 
 from lora_jax._wrap import LoRAMaterializationError, LoRAMaterializationWarning, wrap
 from lora_jax.adapt import apply, default_roles
+from lora_jax.layout import layout_of
 from lora_jax.lora_pro import LoraProAdamWState, lora_pro, lora_pro_adamw
 from lora_jax.loraplus import loraplus, scale_b
 from lora_jax.node import LoRA, is_lora
@@ -17,6 +18,7 @@ __all__ = [
     "combine",
     "default_roles",
     "is_lora",
+    "layout_of",
     "lora_pro",
     "lora_pro_adamw",
     "loraplus",

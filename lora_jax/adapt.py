@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,31 +18,35 @@ INITS = ("lora", "gaussian", "pissa", "olora")
 _EMBEDDING = re.compile(r"(?i)(embed|embedding|wte|wpe)")
 _NOT_KERNEL = re.compile(r"(?i)(bias|scale|norm)")
 _CONV = re.compile(r"(?i)conv")
-_ATTN_IN = re.compile(r"(?i)^(query|key|value)$")
-_ATTN_OUT = re.compile(r"(?i)^(out|attention_out)$")
 
 
 def default_roles(path: str, shape) -> str:
     """Axis roles when `layout` says nothing (see `lora_jax.node` for what roles mean).
 
+    * a 2-D kernel: ``"io"`` (in, out), as Flax's Dense stores it;
     * a conv kernel (a path component containing "conv"): every axis but the last is an input
       axis (spatial and input channels), the last the output channels;
-    * a multi-head attention DenseGeneral kernel (module named query/key/value, as in Flax Linen's
-      and NNX's attention): ``"ioo"`` (d_model → heads, head_dim); module named out: ``"iio"``;
-      one more leading axis is a stacked (scanned) layer axis;
-    * otherwise the last two axes are (in, out) and any leading axes are batch (stacked layers).
-    Pass `layout` to `apply` for anything else.
+    * any other kernel with 3 or more axes: a ValueError. Its shape cannot tell a scan-stacked
+      Dense (L, in, out) from a DenseGeneral (d_model, heads, head_dim), an einsum weight
+      (heads, d_model, head_dim) or a GQA key kernel (d_model, kv_heads, head_dim), and a wrong
+      guess is a silently wrong adapter. `lora_jax.layout_of` reads the roles from the model.
     """
-    parts = path.split("/")
-    module = parts[-2] if len(parts) >= 2 else ""
     ndim = len(shape)
-    if any(_CONV.search(p) for p in parts[:-1]) and ndim >= 3:
+    parts = path.split("/")
+    if ndim >= 3 and any(_CONV.search(p) for p in parts[:-1]):
         return "i" * (ndim - 1) + "o"
-    if ndim >= 3 and _ATTN_IN.match(module):
-        return "ioo"
-    if ndim >= 3 and _ATTN_OUT.match(module):
-        return "iio"
+    if ndim >= 3:
+        raise ValueError(_ambiguous_message([f"{path!r} {tuple(shape)}"]))
     return "io"
+
+
+def _ambiguous_message(kernels: list[str]) -> str:
+    return (f"cannot tell the axis roles of kernels with 3 or more axes by name or shape: "
+            f"{', '.join(kernels)} (a scan-stacked Dense (L, in, out), a DenseGeneral "
+            f"(d_model, heads, head_dim) and an einsum weight look alike). Pass "
+            f"layout=lora_jax.layout_of(fn, params, *args), which reads them from how fn uses each "
+            f"weight, or layout={{regex: roles}}, e.g. layout={{r'query/kernel$': 'io'}} for "
+            f"scan-stacked Dense kernels or 'ioo' for a DenseGeneral (d_model, heads, head_dim)")
 
 
 def _check_roles(roles: str, shape, path: str) -> str:
@@ -51,6 +56,32 @@ def _check_roles(roles: str, shape, path: str) -> str:
     if len(roles) > len(shape):
         raise ValueError(f"layout {roles!r} for {path!r} has more axes than its kernel {tuple(shape)}")
     return roles
+
+
+def _roles(path: str, shape, layout) -> str | None:
+    """The layout entry for `path`, else `default_roles`; None where those refuse to guess."""
+    roles = lookup_pattern(layout, path, None)
+    if roles is not None:
+        return roles
+    try:
+        return default_roles(path, shape)
+    except ValueError:
+        return None
+
+
+def _rank(path: str, shape, roles: str, rank, rank_pattern) -> int:
+    """The rank for `path`: its `rank_pattern` entry (which must fit), else `rank` capped at
+    min(in, out)."""
+    explicit = lookup_pattern(rank_pattern, path, None)
+    r = rank if explicit is None else explicit
+    fan_in, fan_out = fan_in_out(shape, roles)
+    fits = isinstance(r, (int, np.integer)) and 0 < r
+    if fits and explicit is None:
+        return int(min(r, fan_in, fan_out))
+    if not fits or r > min(fan_in, fan_out):
+        raise ValueError(f"rank {r!r} for {path!r} must be an int in [1, min(in, out)] = "
+                         f"[1, {min(fan_in, fan_out)}] (kernel {tuple(shape)}, roles {roles!r})")
+    return int(r)
 
 
 def _is_float_array(leaf) -> bool:
@@ -83,16 +114,24 @@ def apply(
 
     Args:
       params: any pytree of arrays (Linen params, an NNX `State`, an Equinox module).
-      rank: adapter rank r (overridden per path by `rank_pattern`).
-      alpha: LoRA alpha; ``scale = alpha / r`` (``alpha / sqrt(r)`` with `rslora`). Defaults to `rank`.
+      rank: adapter rank r (overridden per path by `rank_pattern`). A kernel with
+        ``min(in, out) < rank`` (a classifier head with fewer classes) gets ``r = min(in, out)``,
+        a full-rank adapter, and one `UserWarning` lists every such path; a `rank_pattern` entry
+        that does not fit is an error.
+      alpha: LoRA alpha; ``scale = alpha / r`` (``alpha / sqrt(r)`` with `rslora`), with the r
+        the kernel actually gets (as PEFT computes it from its r), so capped too. Defaults to that
+        r: scale 1.
       targets: regex (``re.search`` on the '/'-joined key path), list of regexes, or predicate
         ``(path, leaf) -> bool``. Default: every float leaf of ndim ≥ 2 whose path does not look like
         an embedding table (embed/embedding/wte/wpe) and whose name is not a bias, scale or norm
         (DenseGeneral biases are 2-D).
       exclude: same forms; removes paths from `targets`.
-      rank_pattern, alpha_pattern: ``{regex: value}``, first match wins (as PEFT).
-      layout: ``{regex: roles}``: axis roles ("i"/"o") of the trailing kernel axes; leading axes
-        beyond are stacked batch axes. Default: `default_roles`.
+      rank_pattern, alpha_pattern: ``{path or regex: value}``: an exact path key, else the first
+        matching regex (as PEFT).
+      layout: ``{path or regex: roles}``: axis roles ("i"/"o") of the trailing kernel axes; leading
+        axes beyond are stacked batch axes. An exact path key wins, then the first matching regex;
+        `lora_jax.layout_of` returns such a dict. Default: `default_roles`, which refuses kernels
+        of 3 or more axes (other than convs): their shape does not say which axes are which.
       init: "lora" (Kaiming-uniform `a`, zero `b`, PEFT's default), "gaussian" (a ~ N(0, 1/r²)·…,
         zero `b`), "pissa" (the top-r singular directions of `w` move into `a`, `b`; `w` keeps the
         residual) or "olora" (the first r columns of a QR factorisation, likewise).
@@ -130,20 +169,27 @@ def apply(
         raise ValueError(f"targets {targets!r} select leaves that cannot be adapted (LoRA needs a "
                          f"float array of ndim >= 2): {bad}; narrow targets or add exclude")
 
+    roles_of = {i: _roles(leaves[i][0], leaves[i][1].shape, layout) for i in chosen}
+    ambiguous = [f"{leaves[i][0]!r} {tuple(leaves[i][1].shape)}" for i, r in roles_of.items() if r is None]
+    if ambiguous:
+        raise ValueError(_ambiguous_message(ambiguous))
+
     out = [leaf for _, leaf in leaves]
+    capped = []
     for i in chosen:
         path, w = leaves[i]
-        roles = lookup_pattern(layout, path, None) or default_roles(path, w.shape)
-        roles = _check_roles(roles, w.shape, path)
-        r = lookup_pattern(rank_pattern, path, rank)
-        fan_in, fan_out = fan_in_out(w.shape, roles)
-        if not isinstance(r, (int, np.integer)) or r <= 0 or r > min(fan_in, fan_out):
-            raise ValueError(f"rank {r!r} for {path!r} must be an int in [1, min(in, out)] = "
-                             f"[1, {min(fan_in, fan_out)}] (kernel {tuple(w.shape)}, roles {roles!r})")
+        roles = _check_roles(roles_of[i], w.shape, path)
+        r = _rank(path, w.shape, roles, rank, rank_pattern)
+        if r < rank and lookup_pattern(rank_pattern, path, None) is None:
+            capped.append(f"{path} {tuple(w.shape)} -> r={r}")
         a_alpha = lookup_pattern(alpha_pattern, path, r if alpha is None else alpha)
         scale = float(a_alpha) / (math.sqrt(r) if rslora else r)
         out[i] = _init_node(w, roles, int(r), scale, init, dropout, adapter_dtype,
                             jax.random.fold_in(key, i))
+    if capped:
+        warnings.warn(f"rank {rank} exceeds min(in, out) of {len(capped)} kernel(s), which get "
+                      f"a full-rank adapter of rank min(in, out) instead (scale = alpha/r with that "
+                      f"r): {'; '.join(capped)}", UserWarning, stacklevel=2)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -43,8 +43,15 @@ def compile_selector(selector: Selector, what: str) -> Callable[[str, Any], bool
 
 
 def lookup_pattern(patterns: dict | None, path: str, default):
-    """The value of the first regex in `patterns` that matches `path` (PEFT's rank/alpha_pattern)."""
-    for pattern, value in (patterns or {}).items():
+    """The value for `path` in `patterns`: its exact key if present, else the first regex that
+    matches it (`re.search`, as PEFT's rank/alpha_pattern).
+
+    Exact keys come first so that a dict of whole paths (what `lora_jax.layout_of` returns) means
+    what it says even when a path holds regex characters or is a substring of another path."""
+    patterns = patterns or {}
+    if path in patterns:
+        return patterns[path]
+    for pattern, value in patterns.items():
         if re.search(pattern, path):
             return value
     return default

@@ -17,7 +17,7 @@ from bench.factored_memory import SCHEDULERS, activation_residual_bytes
 
 def compiled_steps(scan):
     model, params, x, y = T.init(T.Config(scan=scan))
-    trainable, frozen = lora_jax.split(lora_jax.apply(params, rank=8))
+    trainable, frozen = lora_jax.split(T.adapt(model, params, x, rank=8))
     full = jax.jit(T.full_step(model)).lower(params, x, y).compile()
     lora = jax.jit(T.lora_step(model)).lower(trainable, frozen, x, y).compile()
     return model, params, trainable, frozen, x, y, full, lora

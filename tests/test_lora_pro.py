@@ -233,7 +233,8 @@ def _toy(dtype_w, adapter_dtype, key=0, stacked=False):
     k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
     shape = (3, 24, 24) if stacked else (24, 16)
     params = {"dense": {"kernel": (jax.random.normal(k1, shape) / 5).astype(dtype_w)}}
-    params = lora_jax.apply(params, rank=4, alpha=8, adapter_dtype=adapter_dtype)
+    params = lora_jax.apply(params, rank=4, alpha=8, adapter_dtype=adapter_dtype,
+                            layout={"kernel": "io"})  # (3, 24, 24) when stacked: layers, in, out
     x = jax.random.normal(k2, (32, 24)).astype(dtype_w)
     y = jax.random.normal(k3, (32, shape[-1]))
 

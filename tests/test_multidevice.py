@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(r"""
     mesh = jax.make_mesh((4, 2), ("data", "model"))
     cfg = T.Config(layers=2, d_model=64, d_ff=128, heads=4, batch=8, seq=16, scan=True)
     model, params, x, y = T.init(cfg)
-    trainable, frozen = lora_jax.split(lora_jax.apply(params, rank=4, init="gaussian"))
+    trainable, frozen = lora_jax.split(T.adapt(model, params, x, rank=4, init="gaussian"))
     opt = optax.chain(lora_jax.lora_pro(), optax.adamw(1e-2))
     step_fn = T.lora_step(model)
 
