@@ -98,6 +98,22 @@ def test_model_dir_missing_files_named(tmp_path):
         main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.parametrize("flag, value, rule", [
+    ("--lr", "-1", "> 0"), ("--lr", "0", "> 0"), ("--lr", "nan", "> 0"), ("--alpha", "0", "> 0"),
+    ("--rank", "0", ">= 1"), ("--steps", "-5", ">= 1"), ("--batch-size", "0", ">= 1"),
+    ("--keep", "0", ">= 1"), ("--eval-limit", "0", ">= 1"), ("--train-limit", "-3", ">= 1"),
+    ("--weight-decay", "-0.1", ">= 0"), ("--warmup-ratio", "1.5", r"in \[0, 1\]"),
+    ("--lora-dropout", "1", r"in \[0, 1\)"), ("--dropout", "-0.2", r"in \[0, 1\)"),
+    ("--ckpt-every", "-1", ">= 0"), ("--seed", "-1", ">= 0"),
+])
+def test_bad_numeric_flags_are_refused_before_anything_loads(flag, value, rule, monkeypatch):
+    from train import classify
+
+    monkeypatch.setattr(classify, "resolve_model", lambda name: pytest.fail("loaded a model"))
+    with pytest.raises(classify.ConfigError, match=rf"^{flag} must be {rule}, got "):
+        classify.main([flag, value, "--out", "/nonexistent"])
+
+
 def test_unknown_dataset_and_method_list_choices(capsys):
     from train.classify import main
 

@@ -1,9 +1,8 @@
 """The README's quickstart runs as written, and its first lines are the two commands."""
 
+import math
 import pathlib
 import re
-
-import pytest
 
 import lora_jax
 
@@ -17,7 +16,7 @@ def test_quickstart_runs():
     exec(compile(blocks[0], "README quickstart", "exec"), env)
     assert lora_jax.is_lora(env["trainable"]["layers_0"]["kernel"])
     assert env["plain"]["layers_0"]["kernel"].shape == (64, 256)
-    assert float(env["value"]) == pytest.approx(float(env["value"]))  # finite scalar
+    assert math.isfinite(float(env["value"]))
 
 
 def test_readme_commands_match_ci():

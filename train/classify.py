@@ -126,14 +126,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
-    for name in ("steps", "batch_size", "eval_every", "max_len", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.rank < 1:
-        raise ConfigError(f"--rank must be >= 1, got {args.rank}")
-    if args.ckpt_every < 0:
-        raise ConfigError("--ckpt-every must be >= 0")
+    for name, ok, rule in _NUMERIC_RULES:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
     return args
+
+
+# (flag, test, what it must be): every numeric flag is checked before anything loads
+_NUMERIC_RULES = [
+    *((name, lambda v: v >= 1, ">= 1") for name in (
+        "steps", "batch_size", "eval_every", "max_len", "eval_batch_size", "rank", "keep",
+        "train_limit", "eval_limit")),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("alpha", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("ckpt_every", lambda v: v >= 0, ">= 0"),
+    ("train_eval_limit", lambda v: v >= 0, ">= 0"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+]
 
 
 def resolve_model(name: str) -> Path:

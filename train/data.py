@@ -39,7 +39,8 @@ Two kinds of dataset share one code path (:func:`load`):
   ``data_dir`` is given.
 
 Importing this module imports TensorFlow quietly and CPU-only: TF's C++ logs
-are silenced (``TF_CPP_MIN_LOG_LEVEL``, unless already set) and GPUs are hidden
+are silenced (``TF_CPP_MIN_LOG_LEVEL`` and ``TF_ENABLE_ONEDNN_OPTS``, unless
+already set) and GPUs are hidden
 from TF so it never claims accelerator memory JAX needs (TF on the CPU only
 allocates what it uses).
 """
@@ -59,7 +60,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+# TF is a data-pipeline dependency only: its C++ start-up logs (oneDNN's notice included, which
+# ignores TF_CPP_MIN_LOG_LEVEL) are silenced before the import. oneDNN only speeds TF's own float
+# kernels, which the pipeline does not use.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
