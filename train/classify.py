@@ -231,6 +231,7 @@ def make_optimizer(method: str, schedule, weight_decay: float):
 
 def build(args, model_dir: Path, num_classes: int) -> Setup:
     import jax
+    import jax.numpy as jnp
 
     import lora_jax
     from train import bert
@@ -250,8 +251,12 @@ def build(args, model_dir: Path, num_classes: int) -> Setup:
         trainable, frozen = lora_jax.split(params, trainable=HEAD)
     else:
         targets = args.targets or bert.LORA_TARGETS
+        # axis roles read from how the model uses each kernel (a shape alone cannot say)
+        ids = jnp.zeros((1, args.max_len), jnp.int32)
+        layout = lora_jax.layout_of(lambda p, ids: model.apply({"params": p}, ids, jnp.ones_like(ids)),
+                                    params, ids)
         try:
-            adapted = lora_jax.apply(params, args.rank, alpha=args.alpha, targets=targets,
+            adapted = lora_jax.apply(params, args.rank, alpha=args.alpha, targets=targets, layout=layout,
                                      dropout=args.lora_dropout, key=jax.random.fold_in(base, 1))
         except ValueError as e:
             raise ConfigError(f"--targets {targets!r}: {e}") from e
