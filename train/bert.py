@@ -37,6 +37,7 @@ import functools
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +165,9 @@ def attention(q, k, v, mask, *, implementation: str | None = None):
     if chosen == "cudnn":
         try:
             return _fused_attention(q, k, v, mask, "cudnn")
-        except (NotImplementedError, RuntimeError):  # cuDNN's shape/version/device checks
-            pass
+        except Exception as e:  # cuDNN's shape/version/device checks; XLA's result is the same
+            warnings.warn(f"cuDNN attention unavailable ({type(e).__name__}: {e}); using XLA's",
+                          stacklevel=2)
     return _fused_attention(q, k, v, mask, "xla")
 
 
