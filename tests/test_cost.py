@@ -113,3 +113,18 @@ def test_lora_step_temp_memory_against_full_finetuning(steps):
           f"temp+out LoRA/full = {live(l) / live(f):.3f} (default)")
     assert ratio_mem <= (1.01 if scan else 1.0)
     assert live(l) <= 0.95 * live(f)
+
+
+def test_scan_stack_with_plain_dense_attention_flops_with_layout_of():
+    """The same step with `nn.scan` over blocks whose q/k/v/o are plain `nn.Dense` named
+    query/key/value/out: kernels (L, d, d), whose roles `apply` takes from `layout_of`."""
+    model, params, x, y = T.init(T.Config(scan=True, attention="dense"))
+    adapted = T.adapt(model, params, x, rank=8)
+    nodes = [n for n in jax.tree.leaves(adapted, is_leaf=lora_jax.is_lora) if lora_jax.is_lora(n)]
+    assert len(nodes) == 6 and all(n.roles == "io" and n.num_batch_axes == 1 for n in nodes)
+    trainable, frozen = lora_jax.split(adapted)
+    full = jax.jit(T.full_step(model)).lower(params, x, y).compile()
+    lora = jax.jit(T.lora_step(model)).lower(trainable, frozen, x, y).compile()
+    ratio = lora.cost_analysis()["flops"] / full.cost_analysis()["flops"]
+    print(f"scan, plain Dense q/k/v/o: LoRA/full step FLOPs = {ratio:.4f}")
+    assert 0.6 < ratio <= 0.72
