@@ -28,6 +28,14 @@ damped pseudo-inverses in the same eigenbases (see `lora_jax._gram`): at LoRA's 
 BᵀB = 0, its pseudo-inverse is 0, and since gA = s·Bᵀg = 0 there too, gA' = 0 and
 gB' = (1/s²) gB (AAᵀ)⁻¹ — exactly the limit, with nothing infinite on the way.
 
+Grouped r×r algebra. The transformations below do not call `eigh` per adapted weight: they first
+form every node's Gram matrices (the per-weight products b bᵀ and aᵀa), then diagonalise all Gram
+matrices of the same rank and compute dtype with ONE `eigh` on their stack (leading, scan-stacked
+axes folded in; see `lora_jax._gram.grouped_factor_eighs`), and finally use each node's slice of the result
+(`adjust_matrices(..., eigs=...)`): the Sylvester solve in the eigenbases and the pseudo-inverses
+are elementwise or r-sized products from there on. The result equals the per-node computation;
+only the number of solver calls changes (one per (rank, dtype) group instead of two per weight).
+
 Caveat: the "closest" property of the Sylvester X assumes ``gA Aᵀ = Bᵀ gB``, which holds for true
 LoRA gradients (and for gradients clipped/scaled as a whole), not for LoRA dropout > 0, where the
 a/b gradients see different inputs. The projection property holds regardless.
@@ -38,7 +46,6 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, NamedTuple, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -192,7 +199,8 @@ def lora_pro(*, x: str = "sylvester", damping: float = DEFAULT_DAMPING, rcond: f
     For every `LoRA` node, replaces LoRA's ``(∂L/∂a, ∂L/∂b)`` by the adjusted pair whose equivalent
     gradient is the projection ``P_B g + g P_A − P_B g P_A`` of the full gradient onto the adapters'
     tangent space (see the module docstring), with X chosen by `x`. Each node's own ``scale`` is
-    used. Other leaves pass through untouched. Stacked (leading) axes are batched.
+    used. Other leaves pass through untouched. Stacked (leading) axes are batched, and the r×r
+    eigendecompositions of all nodes of one rank run as one stacked `eigh` (module docstring).
 
     * ``optax.chain(lora_pro(), optax.sgd(lr))`` is exact LoRA-Pro SGD;
     * ``optax.chain(lora_pro(), optax.adamw(lr))`` is the paper's "efficient" mode (r-sized Adam
@@ -211,13 +219,22 @@ def lora_pro(*, x: str = "sylvester", damping: float = DEFAULT_DAMPING, rcond: f
         raise ValueError(f"x must be one of {X_CHOICES}, got {x!r}")
     compute_dtype = _compute_dtype(compute_dtype)
     return map_lora_gradients(
-        "lora_pro", lambda a, b, ga, gb, scale: adjust_matrices(
-            a, b, ga, gb, scale, x=x, damping=damping, rcond=rcond), compute_dtype)
+        "lora_pro", lambda a, b, ga, gb, scale, eigs: adjust_matrices(
+            a, b, ga, gb, scale, x=x, eigs=eigs), compute_dtype, _gram_eigh(damping, rcond))
 
 
-def map_lora_gradients(name: str, adjust, compute_dtype) -> optax.GradientTransformation:
+def _gram_eigh(damping, rcond):
+    """`gram_eigh` with fixed damping/rcond, as the `decompose` of `_gram.grouped`."""
+    return lambda g: _gram.gram_eigh(g, damping=damping, rcond=rcond)
+
+
+def map_lora_gradients(name: str, adjust, compute_dtype, decompose) -> optax.GradientTransformation:
     """A stateless transformation: each LoRA node's (grad a, grad b), in matrix form and
-    `compute_dtype`, becomes ``adjust(a, b, ga, gb, scale)``; other leaves pass through."""
+    `compute_dtype`, becomes ``adjust(a, b, ga, gb, scale, eigs)``; other leaves pass through.
+
+    ``eigs = (decompose(b bᵀ), decompose(aᵀa))`` for that node, where `decompose` (an (N, r, r)
+    stack → pytree of arrays with leading axis N, acting per matrix) is called once per
+    (rank, compute dtype) group on the stacked Gram matrices of all its nodes (`_gram.grouped`)."""
     warn = _WarnOnce(name)
 
     def init_fn(params):
@@ -228,12 +245,12 @@ def map_lora_gradients(name: str, adjust, compute_dtype) -> optax.GradientTransf
         require_params(params, name)
         u_leaves, p_leaves, u_def, _ = zip_lora(updates, params, name)
         warn.check(params)
-        out = []
-        for u, p in zip(u_leaves, p_leaves):
-            if is_lora(u):
-                a, b, ga, gb = _node_mats(p, u, compute_dtype)
-                u = _with_ab(u, *adjust(a, b, ga, gb, p.scale))
-            out.append(u)
+        mats = {i: _node_mats(p, u, compute_dtype)
+                for i, (u, p) in enumerate(zip(u_leaves, p_leaves)) if is_lora(u)}
+        eigs = _gram.grouped_factor_eighs([(a, b) for a, b, _, _ in mats.values()], decompose)
+        out = list(u_leaves)
+        for (i, (a, b, ga, gb)), e in zip(mats.items(), eigs):
+            out[i] = _with_ab(u_leaves[i], *adjust(a, b, ga, gb, p_leaves[i].scale, e))
         return jax.tree_util.tree_unflatten(u_def, out), state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -247,7 +264,7 @@ class LoraProAdamWState(NamedTuple):
     """count, and Adam moments: for each LoRA node an (*batch, I, O) array (the adapted kernel in
     matrix form, in axes first), for any other trainable leaf an array of its shape."""
 
-    count: chex.Array
+    count: jax.Array
     mu: Any
     nu: Any
 
@@ -322,15 +339,24 @@ def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float =
         lr_c = jnp.asarray(lr, compute_dtype)
         wd = jnp.asarray(weight_decay, compute_dtype)
 
-        out, new_mu, new_nu = [], [], []
-        for path, u, p, m, v in zip(paths, u_leaves, p_leaves, mu_leaves, nu_leaves):
+        # Per node the matrix forms and Grams; then one eigh per (rank, dtype) group, not per node:
+        # each solver call is a separate launch, and per-node calls made a GPU step ~3× LoRA's.
+        mats = {}
+        for i, (path, u, p, m) in enumerate(zip(paths, u_leaves, p_leaves, mu_leaves)):
             if is_lora(u):
                 if m.shape != _full_shape(p):
                     raise ValueError(f"lora_pro_adamw: state moment at {path} has shape {m.shape}, "
                                      f"expected {_full_shape(p)}")
+                mats[i] = _node_mats(p, u, compute_dtype)
+        node_eigs = dict(zip(mats, _gram.grouped_factor_eighs(
+            [(a, b) for a, b, _, _ in mats.values()], _gram_eigh(damping, rcond))))
+
+        out, new_mu, new_nu = [], [], []
+        for i, (u, p, m, v) in enumerate(zip(u_leaves, p_leaves, mu_leaves, nu_leaves)):
+            if is_lora(u):
                 s = p.scale
-                a, b, ga, gb = _node_mats(p, u, compute_dtype)
-                eigs = _gram.factor_eighs(a, b, damping=damping, rcond=rcond)
+                a, b, ga, gb = mats[i]
+                eigs = node_eigs[i]
                 ga0, gb0 = adjust_matrices(a, b, ga, gb, s, x="zero", eigs=eigs)
                 g_eq = equivalent_kernel_gradient(a, b, ga0, gb0, s)        # (…, I, O)
                 m = (b1 * m.astype(compute_dtype) + (1 - b1) * g_eq)
