@@ -75,10 +75,10 @@ def _rank(path: str, shape, roles: str, rank, rank_pattern) -> int:
     explicit = lookup_pattern(rank_pattern, path, None)
     r = rank if explicit is None else explicit
     fan_in, fan_out = fan_in_out(shape, roles)
-    fits = isinstance(r, (int, np.integer)) and 0 < r
-    if fits and explicit is None:
+    valid = isinstance(r, (int, np.integer)) and 0 < r
+    if valid and explicit is None:  # the global rank adapts to small kernels
         return int(min(r, fan_in, fan_out))
-    if not fits or r > min(fan_in, fan_out):
+    if not valid or r > min(fan_in, fan_out):
         raise ValueError(f"rank {r!r} for {path!r} must be an int in [1, min(in, out)] = "
                          f"[1, {min(fan_in, fan_out)}] (kernel {tuple(shape)}, roles {roles!r})")
     return int(r)
