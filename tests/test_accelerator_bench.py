@@ -50,7 +50,7 @@ def test_env_line(records):
     for key in ("device", "jax", "jaxlib", "flax", "optax", "date", "shape", "attention"):
         assert env[key], key
     assert env["shape"]["layers"] == 1 and env["shape"]["vocab"] == 1000
-    assert env["attention"] == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert env["attention"] == bert.attention_implementation(jnp.float32, 16, 32) == "xla"
 
 
 def test_every_measurement_finite_and_positive(records):
