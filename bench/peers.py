@@ -1,0 +1,544 @@
+"""lora_jax side by side with PyTorch: PEFT LoRA, full fine-tuning and the `lora-pro-adamw` port.
+
+    python -m bench.peers                      # all-MiniLM-L6-v2 (real weights), batch 16 × 64, r 8, α 16
+    python -m bench.peers --model bert-base    # BERT-base shape (12 × 768), random weights
+    python -m bench.peers --setup-only         # just create the peers' virtual environment
+
+The peers live in their own virtual environment (``.venv-peers`` at the repository root, or
+``$LORA_JAX_PEERS_VENV``), created here when missing: ``pip install torch==2.13.0`` first (the CPU
+build this machine's pip takes from its local wheel; letting pip choose another version pulls a
+multi-GB CUDA build), then transformers, peft, lora-pro-adamw and safetensors with that torch pinned.
+The PyTorch side runs there as a subprocess (bench/peers_worker.py ``--serve``), the JAX side in
+this process; both hold the same weights (written once as a HF state dict), the same batch
+(random token ids, no padding, random labels), rank, alpha and targets (every attention and FFN
+Linear: `train.bert.LORA_TARGETS`), the same adapters (``b`` set nonzero, so LoRA-Pro's algebra
+is exercised as after the first step) and AdamW hyper-parameters. Dropout is off on both sides.
+
+Methods, timed alternately (round robin over both frameworks, a pause between blocks so one side's
+idle worker threads stop spinning), medians of ``--rounds`` blocks of ``--steps`` steps:
+
+  jax:   full FT (optax.adamw), LoRA (wrap + adamw), LoRA-Pro efficient (lora_pro() + adamw),
+         LoRA-Pro AdamW (lora_pro_adamw, Algorithm 2)
+  torch: full FT (torch.optim.AdamW), PEFT LoRA (AdamW), lora-pro-adamw mode "full" and
+         "efficient" (its defaults: efficient_solver="vec")
+  forward (no grad): base model, unmerged adapters, merged adapters — on both sides.
+
+Prints a table and the ratios the issue sets goals for, writes ``--json`` (default
+bench/results/peers.json). XLA's FLOP counts of the JAX steps are recorded as the first profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "bench" / "peers_worker.py"
+DEFAULT_VENV = ROOT / ".venv-peers"
+TORCH = "torch==2.13.0"
+PEER_PACKAGES = ("transformers==5.24.0", "peft==0.21.2", "lora-pro-adamw==0.2.1", "safetensors")
+
+JAX_METHODS = ("jax_full", "jax_lora", "jax_lora_pro_efficient", "jax_lora_pro_adamw")
+TORCH_METHODS = ("full", "lora", "lora_pro_full", "lora_pro_efficient")
+LABELS = {
+    "jax_full": "lora_jax full FT (optax.adamw)",
+    "jax_lora": "lora_jax LoRA",
+    "jax_lora_pro_efficient": "lora_jax LoRA-Pro efficient",
+    "jax_lora_pro_adamw": "lora_jax LoRA-Pro AdamW (Alg. 2)",
+    "torch_full": "PyTorch full FT (AdamW)",
+    "torch_lora": "PEFT LoRA (AdamW)",
+    "torch_lora_pro_full": "lora-pro-adamw mode=full",
+    "torch_lora_pro_efficient": "lora-pro-adamw mode=efficient",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# the peers' virtual environment
+
+
+def venv_dir() -> Path:
+    return Path(os.environ.get("LORA_JAX_PEERS_VENV", DEFAULT_VENV))
+
+
+def peers_python(check: bool = True) -> Path | None:
+    """The peers venv's python if it exists and imports torch, transformers, peft and lora_pro
+    (``check``); else None."""
+    py = venv_dir() / "bin" / "python"
+    if not py.is_file():
+        return None
+    if check:
+        r = subprocess.run([str(py), "-c", "import torch, transformers, peft, lora_pro, safetensors"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            return None
+    return py
+
+
+def ensure_venv(verbose: bool = True) -> Path:
+    """Create the peers venv if needed (see the module docstring); returns its python."""
+    py = peers_python()
+    if py is not None:
+        return py
+    venv = venv_dir()
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
+    if not (venv / "bin" / "python").is_file():
+        say(f"creating {venv}")
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
+    say(f"installing {TORCH} (first, alone: pinned so pip never picks a CUDA build)")
+    subprocess.run(pip + [TORCH], check=True)
+    say(f"installing {' '.join(PEER_PACKAGES)}")
+    subprocess.run(pip + [*PEER_PACKAGES, TORCH], check=True)
+    py = peers_python()
+    if py is None:
+        raise RuntimeError(f"{venv}: the peers do not import after installing them")
+    return py
+
+
+def run_worker(spec: dict, workdir: Path, python: Path | None = None, timeout: float = 900) -> dict:
+    """Run one worker job (bench/peers_worker.py SPEC) in the peers venv; returns its JSON."""
+    python = python or peers_python(check=False)
+    if python is None:
+        raise RuntimeError("no peers venv: run `python -m bench.peers --setup-only`")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"spec_{spec['job']}_{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(spec))
+    r = subprocess.run([str(python), str(WORKER), str(path)], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if r.returncode != 0:
+        raise RuntimeError(f"peers worker failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# identical model, batch and adapters on both sides
+
+
+@dataclasses.dataclass
+class Case:
+    """A classifier with adapters, its batch, and the files that hand them to the worker."""
+
+    config: object
+    model: object
+    params: dict       # plain Classifier params (base model)
+    adapted: dict      # params with LoRA nodes
+    batch: dict        # numpy: input_ids, attention_mask, token_type_ids, labels
+    modules: list      # HF module paths adapted
+    rank: int
+    alpha: float
+    files: dict        # state, inputs, adapter (paths), hf_config (dict)
+
+
+def make_case(kind: str, workdir: Path, *, batch: int = 16, seq: int = 64, rank: int = 8,
+              alpha: float = 16.0, num_labels: int = 2, seed: int = 0, b_scale: float = 0.02,
+              config_overrides: dict | None = None) -> Case:
+    """`kind`: "minilm" (real weights), "bert-base" (BERT-base shape, random), or "tiny" (2 layers,
+    hidden 32, random). Pooling "pooler" (HF's BertForSequenceClassification head), dropout 0.
+    Adapters: lora_jax.apply's init for ``a``, then ``b ~ b_scale·N(0, 1)`` (0: b = 0, PEFT's init)."""
+    import jax
+    import jax.numpy as jnp
+    from safetensors.numpy import save_file
+
+    import lora_jax
+    from train import bert, peft_format
+
+    key = jax.random.key(seed)
+    if kind == "minilm":
+        from train import assets
+
+        config, enc = bert.load_hf_safetensors(assets.minilm_dir(), with_pooler=True)
+    elif kind == "bert-base":
+        config, enc = bert.BertConfig(), None
+    elif kind == "tiny":
+        config, enc = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=128), None
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    config = dataclasses.replace(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                 **(config_overrides or {}))
+    model, variables = bert.init_classifier(config, num_labels, jax.random.fold_in(key, 0), enc,
+                                            pooling="pooler", dropout_rate=0.0)
+    params = variables["params"]
+    if enc is None:
+        # Random init. HF's normal(0.02) kernels make a small model's logits ~0.01 and its adapter
+        # gradients ~1e-6, where Adam's ε and float32 rounding decide the step; LeCun-normal
+        # kernels (std 1/√fan_in) and perturbed LayerNorm/bias vectors keep everything O(1).
+        def fix(path, x, k):
+            name = jax.tree_util.keystr(path)
+            if x.ndim == 1:
+                return x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
+            if "kernel" in name:
+                return x * (1.0 / (config.initializer_range * np.sqrt(x.shape[0])))
+            return x
+        leaves, tdef = jax.tree_util.tree_flatten_with_path(params)
+        ks = jax.random.split(jax.random.fold_in(key, 5), len(leaves))
+        params = jax.tree_util.tree_unflatten(tdef, [fix(p, x, k) for (p, x), k in zip(leaves, ks)])
+    adapted = lora_jax.apply(params, rank, alpha=alpha, targets=bert.LORA_TARGETS,
+                             key=jax.random.fold_in(key, 1))
+    if b_scale:
+        leaves, tdef = jax.tree_util.tree_flatten(adapted, is_leaf=lora_jax.is_lora)
+        ks = jax.random.split(jax.random.fold_in(key, 2), len(leaves))
+        leaves = [lora_jax.LoRA(w=n.w, a=n.a, b=b_scale * jax.random.normal(k, n.b.shape, n.b.dtype),
+                                scale=n.scale, roles=n.roles, dropout=n.dropout)
+                  if lora_jax.is_lora(n) else n for n, k in zip(leaves, ks)]
+        adapted = jax.tree_util.tree_unflatten(tdef, leaves)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, config.vocab_size, size=(batch, seq)).astype(np.int32)
+    ids[:, 0] = 101  # [CLS]
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids),
+            "labels": rng.integers(0, num_labels, size=(batch,)).astype(np.int32)}
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = {"state": str(workdir / "state.safetensors"), "inputs": str(workdir / "inputs.npz"),
+             "adapter": str(workdir / "adapter.safetensors"),
+             "hf_config": peft_format.hf_config_dict(config, num_labels)}
+    save_file(peft_format.hf_state_dict(params, config), files["state"])
+    np.savez(files["inputs"], **data)
+    tensors, found = peft_format.adapter_tensors(adapted, config)
+    save_file(tensors, files["adapter"])
+    return Case(config, model, params, adapted, data, sorted(found), rank, alpha, files)
+
+
+def worker_spec(case: Case, job: str, out: Path, **extra) -> dict:
+    spec = {"job": job, "hf_config": case.files["hf_config"], "state": case.files["state"],
+            "inputs": case.files["inputs"], "adapter": case.files["adapter"], "r": case.rank,
+            "alpha": case.alpha, "target_modules": case.modules, "out": str(out),
+            "num_labels": case.files["hf_config"]["num_labels"]}
+    spec.update(extra)
+    return spec
+
+
+# ------------------------------------------------------------------------------------------------
+# the JAX steps
+
+
+def jax_batch(case: Case):
+    import jax.numpy as jnp
+
+    return {k: jnp.asarray(v) for k, v in case.batch.items()}
+
+
+def make_jax_method(case: Case, method: str, *, lr: float = 1e-3, weight_decay: float = 0.0,
+                    lora_pro_kwargs: dict | None = None):
+    """``(step, state)`` with ``state = (trainable, opt_state, frozen)`` and
+    ``step(state, batch) -> (state, loss)`` jitted (trainable and optimizer state donated)."""
+    import jax
+    import optax
+
+    import lora_jax
+
+    model = case.model
+    kw = lora_pro_kwargs or {}
+
+    def ce(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    if method == "jax_full":
+        opt = optax.adamw(lr, weight_decay=weight_decay)
+        trainable, frozen = case.params, None
+
+        def loss_fn(tr, fr, b):
+            return ce(model.apply({"params": tr}, b["input_ids"], b["attention_mask"], b["token_type_ids"]),
+                      b["labels"])
+    else:
+        trainable, frozen = lora_jax.split(case.adapted, trainable=r"^head/")
+        if method == "jax_lora":
+            opt = optax.adamw(lr, weight_decay=weight_decay)
+        elif method == "jax_lora_pro_efficient":
+            opt = optax.chain(lora_jax.lora_pro(**kw), optax.adamw(lr, weight_decay=weight_decay))
+        elif method == "jax_lora_pro_adamw":
+            opt = lora_jax.lora_pro_adamw(lr, weight_decay=weight_decay, **kw)
+        else:
+            raise ValueError(method)
+        fwd = lora_jax.wrap(model.apply)
+
+        def loss_fn(tr, fr, b):
+            p = lora_jax.combine(tr, fr)
+            return ce(fwd({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]),
+                      b["labels"])
+
+    def step(tr, opt_state, fr, b):
+        loss, g = jax.value_and_grad(loss_fn)(tr, fr, b)
+        upd, opt_state = opt.update(g, opt_state, tr)
+        return optax.apply_updates(tr, upd), opt_state, loss
+
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    # copies: the step donates its inputs, the Case keeps its arrays
+    trainable = jax.tree_util.tree_map(lambda x: x.copy(), trainable)  # None holes are empty subtrees
+    return jstep, [trainable, opt.init(trainable), frozen], step
+
+
+def run_jax_steps(case: Case, method: str, steps: int, **kw) -> list[dict[str, np.ndarray]]:
+    """The adapters (and head) after each of `steps` steps of `method`, as PEFT tensors (NumPy)."""
+    import jax
+
+    import lora_jax
+    from train import peft_format
+
+    _, (tr, st, fr), raw = make_jax_method(case, method, **kw)
+    step = jax.jit(raw)
+    out = []
+    for _ in range(steps):
+        tr, st, _ = step(tr, st, fr, jax_batch(case))
+        out.append(peft_format.adapter_tensors(lora_jax.combine(tr, fr), case.config)[0])
+    return out
+
+
+def jax_forwards(case: Case):
+    """{which: (jitted fn, params)} for base / unmerged / merged forward passes."""
+    import jax
+
+    import lora_jax
+
+    model = case.model
+    plain = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["attention_mask"],
+                                             b["token_type_ids"]))
+    wrapped_fn = lora_jax.wrap(model.apply)
+    unmerged = jax.jit(lambda p, b: wrapped_fn({"params": p}, b["input_ids"], b["attention_mask"],
+                                               b["token_type_ids"]))
+    merged = jax.block_until_ready(lora_jax.merge(case.adapted))
+    return {"base": (plain, case.params), "unmerged": (unmerged, case.adapted), "merged": (plain, merged)}
+
+
+def flops_of(fn, *args) -> float | None:
+    import jax
+
+    try:
+        ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return float(ca.get("flops", float("nan")))
+    except Exception:  # noqa: BLE001 - a profile figure, not essential
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+class Server:
+    """The worker in --serve mode: one JSON command a line."""
+
+    def __init__(self, python: Path):
+        self.p = subprocess.Popen([str(python), str(WORKER), "--serve"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, bufsize=1,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+    def __call__(self, **cmd):
+        self.p.stdin.write(json.dumps(cmd) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError("peers worker exited")
+        out = json.loads(line)
+        if not out.get("ok"):
+            raise RuntimeError(f"peers worker: {out.get('error')}\n{out.get('trace', '')}")
+        return out
+
+    def close(self):
+        try:
+            self(op="quit")
+        except Exception:  # noqa: BLE001
+            pass
+        self.p.wait(timeout=30)
+
+
+def jax_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "load_avg_start": os.getloadavg()}
+
+
+def benchmark(args) -> dict:
+    import jax
+
+    python = ensure_venv()
+    tmp = Path(tempfile.mkdtemp(prefix="lora_jax_peers_"))
+    kind = args.model
+    print(f"building {kind} (batch {args.batch} × {args.seq}, r {args.rank}, alpha {args.alpha}) ...",
+          file=sys.stderr, flush=True)
+    case = make_case(kind, tmp, batch=args.batch, seq=args.seq, rank=args.rank, alpha=args.alpha)
+    b = jax_batch(case)
+    server = Server(python)
+    try:
+        spec = worker_spec(case, "serve", tmp / "unused.npz", lr=args.lr, weight_decay=0.0,
+                           methods=list(TORCH_METHODS), threads=args.torch_threads)
+        info = server(op="setup", spec=spec)
+        jm = {m: make_jax_method(case, m, lr=args.lr) for m in JAX_METHODS}
+        fw = jax_forwards(case)
+
+        def run_jax(m, n):
+            step, st, _ = jm[m]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                st[0], st[1], loss = step(st[0], st[1], st[2], b)
+            jax.block_until_ready((st[0], loss))
+            return (time.perf_counter() - t0) / n
+
+        def run_fwd(w, n):
+            fn, p = fw[w]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = fn(p, b)
+            jax.block_until_ready(out)
+            return (time.perf_counter() - t0) / n
+
+        profile = {}
+        for m in JAX_METHODS:  # compile (and record XLA's FLOP count)
+            step, st, raw = jm[m]
+            profile[m] = {"xla_flops": flops_of(raw, st[0], st[1], st[2], b)}
+            t0 = time.perf_counter()
+            run_jax(m, 1)
+            profile[m]["first_call_s"] = time.perf_counter() - t0
+        for w, (fn, p) in fw.items():
+            run_fwd(w, 1)
+            profile[f"fwd_{w}"] = {"xla_flops": flops_of(lambda p, b: fn(p, b), p, b)}
+        for m in TORCH_METHODS:
+            server(op="step", method=m, n=1)
+        for w in ("base", "unmerged", "merged"):
+            server(op="forward", which=w, n=1)
+
+        tasks = ([("jax", m) for m in JAX_METHODS] + [("torch", m) for m in TORCH_METHODS]
+                 + [("jax", f"fwd_{w}") for w in fw] + [("torch", f"fwd_{w}") for w in fw])
+        times: dict[str, list[float]] = {}
+        for r in range(args.rounds):
+            order = tasks[r % len(tasks):] + tasks[:r % len(tasks)]  # rotate who goes first
+            for side, m in order:
+                time.sleep(args.pause)
+                if side == "jax":
+                    sec = run_fwd(m[4:], args.fwd_steps) if m.startswith("fwd_") else run_jax(m, args.steps)
+                    name = m if not m.startswith("fwd_") else f"jax_{m}"
+                else:
+                    if m.startswith("fwd_"):
+                        sec = server(op="forward", which=m[4:], n=args.fwd_steps)["sec"]
+                    else:
+                        sec = server(op="step", method=m, n=args.steps)["sec"]
+                    name = f"torch_{m}"
+                times.setdefault(name, []).append(sec)
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        server.close()
+
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    ratios = {
+        "lora_jax LoRA / PEFT LoRA step": (med["jax_lora"] / med["torch_lora"], 0.8),
+        "lora_jax LoRA-Pro AdamW / lora-pro-adamw full": (med["jax_lora_pro_adamw"] / med["torch_lora_pro_full"], 0.5),
+        "lora_jax LoRA / lora_jax full FT": (med["jax_lora"] / med["jax_full"], 0.75),
+        "lora_jax merged / base forward": (med["jax_fwd_merged"] / med["jax_fwd_base"], 1.02),
+        "PEFT LoRA / PyTorch full FT (reference)": (med["torch_lora"] / med["torch_full"], None),
+        "PEFT merged / base forward (reference)": (med["torch_fwd_merged"] / med["torch_fwd_base"], None),
+        "lora_jax LoRA-Pro efficient / lora-pro-adamw efficient": (
+            med["jax_lora_pro_efficient"] / med["torch_lora_pro_efficient"], None),
+    }
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python -m bench.peers " + " ".join(sys.argv[1:]),
+        "model": kind, "batch": args.batch, "seq": args.seq, "rank": args.rank, "alpha": args.alpha,
+        "lr": args.lr, "rounds": args.rounds, "steps_per_block": args.steps, "fwd_steps_per_block": args.fwd_steps,
+        "targets": case.modules, "machine": {**machine(), "load_avg_end": os.getloadavg()},
+        "jax": {**jax_versions(), "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
+        "torch": {**info["versions"], "threads": info["threads"]},
+        "times_s": times, "median_s": med,
+        "ratios": {k: {"value": v, "goal": g, "met": None if g is None else v <= g} for k, (v, g) in ratios.items()},
+        "profile": profile,
+    }
+
+
+def format_table(res: dict) -> str:
+    med = res["median_s"]
+    lines = [f"# {res['model']}: batch {res['batch']} × {res['seq']}, r {res['rank']}, alpha {res['alpha']}; "
+             f"{res['rounds']} rounds; {res['machine']['cpu']} ({res['machine']['cores']} cores), "
+             f"load {res['machine']['load_avg_start'][0]:.2f} → {res['machine']['load_avg_end'][0]:.2f}",
+             f"# jax {res['jax']['jax']} ({res['jax']['backend']}); torch {res['torch']['torch']} "
+             f"({res['torch']['threads']} threads), transformers {res['torch']['transformers']}, "
+             f"peft {res['torch']['peft']}, lora-pro-adamw {res['torch']['lora-pro-adamw']}",
+             "", f"{'train step':44s} {'median ms':>10s} {'min ms':>9s}"]
+    for k in [*JAX_METHODS, *(f"torch_{m}" for m in TORCH_METHODS)]:
+        lines.append(f"{LABELS[k]:44s} {1e3 * med[k]:10.1f} {1e3 * min(res['times_s'][k]):9.1f}")
+    lines += ["", f"{'forward (no grad)':44s} {'median ms':>10s} {'min ms':>9s}"]
+    for side in ("jax", "torch"):
+        for w in ("base", "unmerged", "merged"):
+            k = f"{side}_fwd_{w}"
+            name = f"{'lora_jax' if side == 'jax' else 'PyTorch/PEFT'} {w}"
+            lines.append(f"{name:44s} {1e3 * med[k]:10.1f} {1e3 * min(res['times_s'][k]):9.1f}")
+    lines += ["", f"{'ratio':56s} {'value':>7s} {'goal':>6s}"]
+    for k, v in res["ratios"].items():
+        goal = "" if v["goal"] is None else f"≤{v['goal']}"
+        met = "" if v["met"] is None else ("met" if v["met"] else "MISSED")
+        lines.append(f"{k:56s} {v['value']:7.3f} {goal:>6s} {met}")
+    fl = res["profile"]
+    if fl.get("jax_full", {}).get("xla_flops"):
+        full = fl["jax_full"]["xla_flops"]
+        lines += ["", "XLA FLOPs of the JAX steps (relative to full FT): " + ", ".join(
+            f"{m[4:]} {fl[m]['xla_flops'] / 1e9:.1f} G ({fl[m]['xla_flops'] / full:.3f})"
+            for m in JAX_METHODS if fl[m].get("xla_flops"))]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="minilm", choices=("minilm", "bert-base", "tiny"),
+                   help="minilm: the real all-MiniLM-L6-v2 weights; bert-base: BERT-base shape, random weights")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--rounds", type=int, default=None, help="default 7 (minilm), 3 (bert-base)")
+    p.add_argument("--steps", type=int, default=2, help="training steps per timed block")
+    p.add_argument("--fwd-steps", type=int, default=4, help="forward passes per timed block")
+    p.add_argument("--pause", type=float, default=0.3, help="seconds between blocks")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", default=None, help="default bench/results/peers-<model>.json")
+    p.add_argument("--setup-only", action="store_true", help="create the peers venv and exit")
+    args = p.parse_args(argv)
+    if args.setup_only:
+        py = ensure_venv()
+        print(subprocess.run([str(py), str(WORKER), "--versions"], capture_output=True, text=True).stdout.strip())
+        return
+    if args.rounds is None:
+        args.rounds = 3 if args.model == "bert-base" else 7
+    res = benchmark(args)
+    table = format_table(res)
+    print(table)
+    out = Path(args.json or ROOT / "bench" / "results" / f"peers-{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res["table"] = table
+    out.write_text(json.dumps(res, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""The PyTorch side of bench/peers.py and tests/test_peers.py. Runs in the peers' virtual
+environment (torch, transformers, peft, lora-pro-adamw; no JAX): it never imports lora_jax.
+
+    python bench/peers_worker.py SPEC.json     # one job; prints one JSON line, writes spec["out"]
+    python bench/peers_worker.py --serve       # timing server: one JSON command a line on stdin,
+                                               # one JSON answer a line on stdout
+
+A spec names a model by its HF config (``hf_config``, with ``num_labels``) and weights
+(``state``: a safetensors file with ``BertForSequenceClassification`` keys) or by a HF directory
+(``model_dir``, loaded with ``from_pretrained``), a batch (``inputs``: an .npz with input_ids,
+attention_mask, token_type_ids, labels) and the job:
+
+* ``forward``: logits of the plain model, and with ``adapter`` (a PEFT safetensors file, PEFT
+  key names) or ``peft_dir`` (``PeftModel.from_pretrained``) the PEFT model unmerged and merged;
+* ``train``: ``steps`` training steps of ``method`` (full | lora | lora_pro_full |
+  lora_pro_efficient) from the given adapters; writes the adapters (PEFT key names) and losses;
+  ``ref_patches`` lists alignments applied to lora-pro-adamw (see bench/lora_pro_reference_differences.py);
+* ``peft_train_save``: PEFT's own init (``seed``), ``steps`` AdamW steps, ``save_pretrained`` to
+  ``save_dir``, and the trained model's logits.
+
+Dropout is off everywhere (config probabilities 0 and ``eval()``), so both frameworks compute the
+same function.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# model and data
+
+
+def build_model(spec):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    attn = spec.get("attn_implementation", "sdpa")
+    if spec.get("model_dir"):
+        model = BertForSequenceClassification.from_pretrained(
+            spec["model_dir"], num_labels=spec["num_labels"], attn_implementation=attn,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    else:
+        cfg = dict(spec["hf_config"])
+        cfg["hidden_dropout_prob"] = cfg["attention_probs_dropout_prob"] = 0.0
+        cfg.pop("model_type", None)
+        config = BertConfig(**cfg)
+        config._attn_implementation = attn
+        model = BertForSequenceClassification(config)
+        if spec.get("state"):
+            from safetensors.torch import load_file
+
+            sd = load_file(spec["state"])
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.endswith("position_ids")]
+            if missing or unexpected:
+                raise SystemExit(f"state does not fit: missing {missing}, unexpected {unexpected}")
+    model.eval()
+    return model
+
+
+def load_inputs(path):
+    z = np.load(path)
+    batch = {k: torch.from_numpy(np.asarray(z[k], np.int64)) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    labels = torch.from_numpy(np.asarray(z["labels"], np.int64)) if "labels" in z.files else None
+    return batch, labels
+
+
+def peft_model(model, spec, adapter=None):
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
+                     lora_dropout=0.0, task_type="SEQ_CLS", modules_to_save=["classifier"],
+                     use_rslora=spec.get("rslora", False))
+    pm = get_peft_model(model, cfg)
+    if adapter is not None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(adapter)
+        res = set_peft_model_state_dict(pm, tensors)
+        bad = [k for k in res.unexpected_keys]
+        if bad:
+            raise SystemExit(f"adapter keys PEFT did not take: {bad[:5]}")
+        # every lora_A/lora_B must have been set
+        want = {k for k in pm.state_dict() if ".lora_A." in k or ".lora_B." in k}
+        if len(want) != sum(1 for k in tensors if ".lora_" in k):
+            raise SystemExit(f"adapter has {sum(1 for k in tensors if '.lora_' in k)} LoRA tensors, "
+                             f"the PEFT model {len(want)}")
+    pm.eval()
+    return pm
+
+
+def peft_tensors(pm):
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in get_peft_model_state_dict(pm).items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# lora-pro-adamw, and the alignments the cross-checks may apply to it
+
+def patched_reference(patches):
+    """lora_pro._lorapro with the named source edits applied (each is one documented definition
+    difference, see bench/lora_pro_reference_differences.py):
+
+    * ``no_step0_branch``: the full mode's ``if step == 0:`` special case is never taken;
+    * ``fp32_v``: the full mode's second moment accumulates g̃² in float32, not bf16-rounded g̃.
+    Returns the patched ``lorapro_full_adjustment``."""
+    from lora_pro import _lorapro
+
+    src = inspect.getsource(_lorapro.lorapro_full_adjustment)
+    n0 = src.count("if step == 0:")
+    if "no_step0_branch" in patches:
+        if n0 != 2:
+            raise SystemExit(f"lora-pro-adamw changed: expected 2 step-0 branches, found {n0}")
+        src = src.replace("if step == 0:", "if False:")
+    if "fp32_v" in patches:
+        old = "equiv_grad.to(torch.bfloat16),\n            equiv_grad.conj().to(torch.bfloat16),"
+        if old not in src:
+            raise SystemExit("lora-pro-adamw changed: bf16 second-moment update not found")
+        src = src.replace(old, "equiv_grad,\n            equiv_grad.conj(),")
+    ns = dict(vars(_lorapro))
+    exec(compile(src, "<patched lorapro_full_adjustment>", "exec"), ns)
+    return ns["lorapro_full_adjustment"]
+
+
+def make_optimizer(method, model, spec):
+    lr, wd = spec["lr"], spec.get("weight_decay", 0.0)
+    betas, eps = tuple(spec.get("betas", (0.9, 0.999))), spec.get("eps", 1e-8)
+    if method in ("full", "lora"):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas, eps=eps)
+    from lora_pro import LoRAProAdamW, adamw as ref_adamw
+
+    patches = spec.get("ref_patches", [])
+    if patches:
+        ref_adamw.lorapro_full_adjustment = patched_reference(patches)
+    else:
+        from lora_pro import _lorapro
+
+        ref_adamw.lorapro_full_adjustment = _lorapro.lorapro_full_adjustment
+    mode = "full" if method == "lora_pro_full" else "efficient"
+    return LoRAProAdamW(model, lr=lr, weight_decay=wd, betas=betas, eps=eps, lorapro_mode=mode,
+                        efficient_solver=spec.get("efficient_solver", "vec"))
+
+
+def train_step(model, opt, batch, labels):
+    opt.zero_grad(set_to_none=True)
+    logits = model(**batch).logits
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def setup_method(method, spec, adapter=None):
+    torch.manual_seed(spec.get("seed", 0))
+    model = build_model(spec)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, make_optimizer(method, model, spec)
+    pm = peft_model(model, spec, adapter)
+    return pm, make_optimizer(method, pm, spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# jobs
+
+
+@torch.no_grad()
+def logits_of(model, batch):
+    return model(**batch).logits.float().numpy()
+
+
+def job_forward(spec):
+    batch, _ = load_inputs(spec["inputs"])
+    out = {}
+    model = build_model(spec)
+    out["base"] = logits_of(model, batch)
+    if spec.get("peft_dir"):
+        from peft import PeftModel
+
+        pm = PeftModel.from_pretrained(model, spec["peft_dir"])
+        pm.eval()
+        out["unmerged"] = logits_of(pm, batch)
+        out["merged"] = logits_of(pm.merge_and_unload(), batch)
+    elif spec.get("adapter"):
+        pm = peft_model(model, spec, spec["adapter"])
+        out["unmerged"] = logits_of(pm, batch)
+        out["merged"] = logits_of(pm.merge_and_unload(), batch)
+    np.savez(spec["out"], **out)
+    return {"outputs": sorted(out)}
+
+
+def job_train(spec):
+    batch, labels = load_inputs(spec["inputs"])
+    method = spec["method"]
+    model, opt = setup_method(method, spec, spec.get("adapter"))
+    losses, snaps = [], {}
+    for i in range(spec["steps"]):
+        losses.append(float(train_step(model, opt, batch, labels)))
+        if method != "full":
+            for k, v in peft_tensors(model).items():
+                snaps[f"step{i + 1}/{k}"] = v
+    if method == "full":
+        snaps.update({f"final/{k}": v.detach().numpy() for k, v in model.state_dict().items()})
+    np.savez(spec["out"], **snaps)
+    return {"losses": losses}
+
+
+def job_peft_train_save(spec):
+    batch, labels = load_inputs(spec["inputs"])
+    torch.manual_seed(spec.get("seed", 0))
+    model = build_model(spec)
+    pm = peft_model(model, spec)  # PEFT's own init (Kaiming-uniform A, zero B) and fresh head copy
+    opt = make_optimizer("lora", pm, spec)
+    losses = [float(train_step(pm, opt, batch, labels)) for _ in range(spec["steps"])]
+    pm.save_pretrained(spec["save_dir"])
+    np.savez(spec["out"], logits=logits_of(pm, batch))
+    return {"losses": losses}
+
+
+JOBS = {"forward": job_forward, "train": job_train, "peft_train_save": job_peft_train_save}
+
+
+# ------------------------------------------------------------------------------------------------
+# timing server
+
+
+def serve():
+    state = {}
+
+    def reply(obj):
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "setup":
+                spec = cmd["spec"]
+                if spec.get("threads"):
+                    torch.set_num_threads(int(spec["threads"]))
+                batch, labels = load_inputs(spec["inputs"])
+                state.update(spec=spec, batch=batch, labels=labels, methods={}, forwards={})
+                for m in spec["methods"]:
+                    state["methods"][m] = setup_method(m, spec, spec.get("adapter"))
+                base = build_model(spec)
+                unmerged = peft_model(build_model(spec), spec, spec.get("adapter"))
+                merged = peft_model(build_model(spec), spec, spec.get("adapter")).merge_and_unload()
+                state["forwards"] = {"base": base, "unmerged": unmerged, "merged": merged.eval()}
+                reply({"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "versions": versions()})
+            elif op == "step":
+                model, opt = state["methods"][cmd["method"]]
+                loss = None
+                t0 = time.perf_counter()
+                for _ in range(cmd["n"]):
+                    loss = train_step(model, opt, state["batch"], state["labels"])
+                loss = float(loss)
+                reply({"ok": True, "sec": (time.perf_counter() - t0) / cmd["n"], "loss": loss})
+            elif op == "forward":
+                model = state["forwards"][cmd["which"]]
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    for _ in range(cmd["n"]):
+                        out = model(**state["batch"]).logits
+                reply({"ok": True, "sec": (time.perf_counter() - t0) / cmd["n"], "sum": float(out.sum())})
+            elif op == "quit":
+                reply({"ok": True})
+                return
+            else:
+                reply({"ok": False, "error": f"unknown op {op}"})
+        except Exception as e:  # report, keep serving
+            import traceback
+
+            reply({"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
+
+
+def versions():
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "lora-pro-adamw", "safetensors", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv):
+    if argv[:1] == ["--serve"]:
+        serve()
+        return
+    if argv[:1] == ["--versions"]:
+        print(json.dumps(versions()))
+        return
+    spec = json.loads(open(argv[0]).read())
+    torch.manual_seed(spec.get("seed", 0))
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    result = JOBS[spec["job"]](spec)
+    result["versions"] = versions()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,229 @@
+"""Cross-checks against the real peers: transformers' BertForSequenceClassification, PEFT + AdamW,
+and the `lora-pro-adamw` port of the authors' LoRA-Pro, from identical weights, batch and adapters.
+
+The PyTorch side runs in the peers' virtual environment (bench/peers.py creates it:
+``python -m bench.peers --setup-only``) through bench/peers_worker.py; without it these tests skip.
+The fast variants use a tiny random BERT (2 layers, hidden 32); the slow ones the real
+all-MiniLM-L6-v2 weights. Adapters start with a nonzero ``b`` (as after a first step), so both
+LoRA gradients and LoRA-Pro's Gram inverses are exercised; updates are compared relative to their
+own size, so a tiny learning rate cannot hide a wrong step.
+
+Definition differences of `lora-pro-adamw` (evidence: bench/lora_pro_reference_differences.py)
+and how each is aligned here:
+* efficient mode's default ``efficient_solver="vec"`` solves the transposed Sylvester equation:
+  aligned with ``efficient_solver="eig"``, the correct solver it also ships;
+* efficient mode adds 1e-6 to the Gram matrices: aligned with ``lora_pro(damping=1e-6)``;
+* full mode's ``step == 0`` branch (raw gA, unprojected gB, no Sylvester X): the same as the general
+  formula when B = 0 (PEFT's init), different otherwise: removed by a source patch;
+* full mode accumulates the second moment from bf16-rounded g̃ (from its second step on): patched
+  to float32;
+* weight decay: it scales A and B each by (1 − lr·λ), so s·BA by (1 − lr·λ)²; lora_jax scales
+  each by √(1 − lr·λ): compared at λ = 0 (its default is λ = 0.01).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import peers
+
+PY = peers.peers_python()
+needs_peers = pytest.mark.skipif(PY is None, reason="no peers venv (python -m bench.peers --setup-only)")
+
+
+def rel(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def fro(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def update_errors(ours: dict, theirs: dict, before: dict) -> tuple[float, float]:
+    """(parameter error, update error) over all tensors: the largest per-tensor
+    max|ours − theirs| / max|theirs| of the parameters after the step, and the largest per-tensor
+    ‖Δours − Δtheirs‖_F / ‖Δtheirs‖_F of the step Δ itself (a norm-wise figure: Adam's
+    normalised step m̂/(√v̂+ε) turns a ~1e-9 float32 difference of a gradient element that is
+    itself ~1e-8 into an O(1) difference of that one element, so an element-wise maximum of
+    the update measures that element's conditioning, not the two implementations)."""
+    assert set(ours) == set(theirs), (sorted(set(ours) ^ set(theirs)))[:5]
+    p = max(rel(ours[k], theirs[k]) for k in theirs)
+    u = max(fro(ours[k] - before[k], theirs[k] - before[k]) for k in theirs)
+    return p, u
+
+
+def steps_from(npz, steps: int) -> list[dict]:
+    z = np.load(npz)
+    return [{k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(f"step{i + 1}/")} for i in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    if PY is None:
+        pytest.skip("no peers venv")
+    return peers.make_case("tiny", tmp_path_factory.mktemp("peers"), batch=4, seq=16, b_scale=0.1)
+
+
+def _before(case):
+    from train import peft_format
+
+    return peft_format.adapter_tensors(case.adapted, case.config)[0]
+
+
+def _torch(case, tmp_path, steps, method, **extra):
+    out = tmp_path / f"{method}.npz"
+    peers.run_worker(peers.worker_spec(case, "train", out, method=method, steps=steps, **extra), tmp_path, PY)
+    return steps_from(out, steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) forward
+
+
+def _forward_check(case, tmp_path, tol):
+    import lora_jax
+
+    out = tmp_path / "fwd.npz"
+    peers.run_worker(peers.worker_spec(case, "forward", out, attn_implementation="eager"), tmp_path, PY)
+    z = np.load(out)
+    b = peers.jax_batch(case)
+    args = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    base = case.model.apply({"params": case.params}, *args)
+    unmerged = lora_jax.wrap(case.model.apply)({"params": case.adapted}, *args)
+    merged = case.model.apply({"params": lora_jax.merge(case.adapted)}, *args)
+    errs = {"base": rel(base, z["base"]), "unmerged": rel(unmerged, z["unmerged"]),
+            "merged": rel(merged, z["merged"])}
+    assert rel(z["unmerged"], z["base"]) > 100 * tol, "the adapters must change the logits"
+    assert max(errs.values()) <= tol, errs
+    return errs
+
+
+@needs_peers
+def test_forward_logits_match_transformers(case, tmp_path):
+    _forward_check(case, tmp_path, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) LoRA + AdamW against PEFT + torch.optim.AdamW
+
+
+def _lora_check(case, tmp_path, steps=2, lr=1e-2, wd=0.01, tol=1e-5):
+    theirs = _torch(case, tmp_path, steps, "lora", lr=lr, weight_decay=wd)
+    ours = peers.run_jax_steps(case, "jax_lora", steps, lr=lr, weight_decay=wd)
+    before = _before(case)
+    errs = []
+    for i in range(steps):
+        p, u = update_errors(ours[i], theirs[i], before)
+        errs.append((p, u))
+        assert p <= tol, (i, p, u)
+        assert u <= 1e-3, (i, p, u)  # the step itself, relative to its size
+        before = theirs[i]
+    return errs
+
+
+@needs_peers
+def test_lora_adamw_steps_match_peft(case, tmp_path):
+    _lora_check(case, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) LoRA-Pro against lora-pro-adamw
+
+
+# LATER_STEPS: the first step is compared strictly (update error ≤ tol). From the second step on
+# Adam's normalised step m̂/(√v̂+ε) amplifies the ~1e-7 float32 differences of the two frameworks'
+# gradients wherever the new gradient nearly cancels the first moment; plain LoRA + AdamW against
+# PEFT (identical definitions) shows 1e-4 there too. Later steps: parameters within tol, the update
+# within 10·tol.
+
+
+def _efficient_check(case, tmp_path, steps=2, lr=1e-3, tol=1e-4):
+    ours = peers.run_jax_steps(case, "jax_lora_pro_efficient", steps, lr=lr,
+                               lora_pro_kwargs={"damping": 1e-6})
+    aligned = _torch(case, tmp_path, steps, "lora_pro_efficient", lr=lr, efficient_solver="eig")
+    default = _torch(case, tmp_path, steps, "lora_pro_efficient", lr=lr)  # "vec": transposed equation
+    before = _before(case)
+    _, u_aligned = update_errors(ours[0], aligned[0], before)
+    _, u_default = update_errors(ours[0], default[0], before)
+    assert u_aligned <= tol, u_aligned
+    assert u_default > 1e-2, f"the default vec solver was expected to differ, got {u_default}"
+    later = [update_errors(ours[i], aligned[i], aligned[i - 1]) for i in range(1, steps)]
+    for p, u in later:  # see LATER_STEPS
+        assert p <= tol and u <= 10 * tol, later
+    return u_aligned, u_default, later
+
+
+def _full_check(case, tmp_path, steps=2, lr=1e-3, tol=1e-4):
+    ours = peers.run_jax_steps(case, "jax_lora_pro_adamw", steps, lr=lr)
+    aligned = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr, ref_patches=["no_step0_branch", "fp32_v"])
+    as_is = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr)
+    no_bf16 = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr, ref_patches=["no_step0_branch"])
+    before = _before(case)
+    errs = {}
+    for i in range(steps):
+        prev = before if i == 0 else aligned[i - 1]
+        p, u = update_errors(ours[i], aligned[i], prev)
+        errs[f"aligned step {i + 1}"] = (p, u)
+        assert p <= tol and u <= (tol if i == 0 else 10 * tol), errs  # see LATER_STEPS
+    errs["as-is step 1 (step-0 branch, b ≠ 0)"] = update_errors(ours[0], as_is[0], before)
+    assert errs["as-is step 1 (step-0 branch, b ≠ 0)"][1] > 1e-2, errs
+    # with only the step-0 branch removed, step 1 matches and step 2 differs by the bf16 rounding
+    errs["step-0 patch only, step 2 (bf16 v)"] = update_errors(ours[1], no_bf16[1], no_bf16[0])
+    bf16 = errs["step-0 patch only, step 2 (bf16 v)"][1]
+    assert tol < bf16 < 0.1 and bf16 > 5 * errs["aligned step 2"][1], errs
+    return errs
+
+
+@needs_peers
+def test_lora_pro_efficient_matches_reference_eig_solver(case, tmp_path):
+    _efficient_check(case, tmp_path)
+
+
+@needs_peers
+def test_lora_pro_adamw_matches_reference_full_mode(case, tmp_path):
+    _full_check(case, tmp_path)
+
+
+@needs_peers
+def test_reference_full_mode_step0_branch_is_harmless_from_peft_init(tmp_path_factory, tmp_path):
+    """From PEFT's init (b = 0) the unpatched step-0 branch gives the general formula's step."""
+    c0 = peers.make_case("tiny", tmp_path_factory.mktemp("peers0"), batch=4, seq=16, b_scale=0.0)
+    ours = peers.run_jax_steps(c0, "jax_lora_pro_adamw", 1, lr=1e-3)
+    as_is = _torch(c0, tmp_path, 1, "lora_pro_full", lr=1e-3)
+    before = _before(c0)
+    changed = [k for k in before if np.abs(as_is[0][k] - before[k]).max() > 0]
+    assert any(".lora_B." in k for k in changed)
+    # b = 0: lora_A gets no gradient, every update is lora_B's (and the head's)
+    assert update_errors(ours[0], as_is[0], before)[1] <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# slow: the real MiniLM weights
+
+
+@pytest.fixture(scope="module")
+def minilm_case(tmp_path_factory):
+    if PY is None:
+        pytest.skip("no peers venv")
+    return peers.make_case("minilm", tmp_path_factory.mktemp("peers_minilm"), batch=4, seq=32, b_scale=0.02)
+
+
+@pytest.mark.slow
+@needs_peers
+def test_minilm_forward_matches_transformers(minilm_case, tmp_path):
+    print(_forward_check(minilm_case, tmp_path, 1e-5))
+
+
+@pytest.mark.slow
+@needs_peers
+def test_minilm_lora_adamw_matches_peft(minilm_case, tmp_path):
+    print(_lora_check(minilm_case, tmp_path))
+
+
+@pytest.mark.slow
+@needs_peers
+def test_minilm_lora_pro_matches_reference(minilm_case, tmp_path):
+    print(_efficient_check(minilm_case, tmp_path), _full_check(minilm_case, tmp_path))

@@ -1,0 +1,346 @@
+"""LoRA adapters of the BERT `Classifier` (train/bert.py) in PEFT's on-disk format, both ways.
+
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. For a
+``BertForSequenceClassification`` wrapped by PEFT (``task_type="SEQ_CLS"``), peft 0.21's
+``save_pretrained`` writes (checked by running it; see bench/RESULTS.md, "PEFT side by side"):
+
+* ``base_model.model.bert.<module>.lora_A.weight`` (r, in) and ``….lora_B.weight`` (out, r) for
+  every adapted Linear, ``<module>`` being the HF module path (``encoder.layer.0.attention.self.query``);
+* ``base_model.model.classifier.weight`` (classes, hidden) and ``….bias`` for the head kept whole
+  (``modules_to_save``; the adapter name and ``modules_to_save.`` are stripped on save);
+* ``r``, ``lora_alpha``, ``rank_pattern``/``alpha_pattern`` for modules whose rank or alpha differ
+  from the global ones, ``use_rslora`` (scale alpha/√r instead of alpha/r), ``target_modules``.
+
+In this project's kernel orientation (train/bert.py: a Linear weight W (out, in) is the kernel
+K = Wᵀ (in, out); a LoRA node holds a (in, r), b (r, out), K = w + scale·a@b) that is
+``lora_A.weight = aᵀ``, ``lora_B.weight = bᵀ``, ``scale = lora_alpha / r`` — the same delta:
+PEFT's ΔW = scale·B A = scale·(a b)ᵀ.
+
+The HF names come from `train.bert.hf_key_map`; the Linen tree is that of `Classifier`
+(``{"encoder": BertEncoder params, "head": {"kernel", "bias"}}``), HF's modules are those of
+``BertForSequenceClassification`` (``bert.*`` and ``classifier``). Note that HF's classifier pools
+with the tanh pooler on [CLS] — our ``pooling="pooler"``; adapters trained with ``"mean"`` or
+``"cls"`` pooling are still valid encoder adapters, but HF's head sees a different vector.
+
+`export_peft(dir, params, config)` writes a directory; `import_peft(dir, params, config)` puts the
+adapters onto a plain parameter tree as `lora_jax.LoRA` nodes (and the saved head over ours);
+`hf_state_dict(params, config)` is the whole model as a ``BertForSequenceClassification`` state
+dict (NumPy), for handing identical weights to PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.bert import BertConfig, hf_key_map
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+ENCODER_MODULE = "bert"  # BertForSequenceClassification.base_model_prefix
+HEAD_MODULE = "classifier"
+HEAD = "head"
+
+
+class PeftFormatError(ValueError):
+    """A PEFT directory or parameter tree that cannot be converted."""
+
+
+# --------------------------------------------------------------------------------------------------
+# names
+
+
+def module_map(config: BertConfig, with_pooler: bool = True) -> dict[tuple[str, ...], str]:
+    """Our kernel path in the `Classifier` tree (``("encoder", "layer_0", "query", "kernel")``) →
+    HF module path in ``BertForSequenceClassification`` (``"bert.encoder.layer.0.attention.self.query"``),
+    for every Linear of the encoder (and the pooler with `with_pooler`)."""
+    out = {}
+    for key, (path, transpose) in hf_key_map(config, with_pooler=with_pooler).items():
+        if transpose and key.endswith(".weight"):
+            out[("encoder",) + tuple(path)] = f"{ENCODER_MODULE}.{key[:-len('.weight')]}"
+    return out
+
+
+def _get(tree, path):
+    for p in path:
+        if not isinstance(tree, dict) or p not in tree:
+            return None
+        tree = tree[p]
+    return tree
+
+
+def _set(tree: dict, path, value) -> dict:
+    """A copy of nested-dict `tree` with `path` set (only the dicts on the path are copied)."""
+    out = dict(tree)
+    if len(path) == 1:
+        out[path[0]] = value
+    else:
+        out[path[0]] = _set(tree[path[0]], path[1:], value)
+    return out
+
+
+def _params(tree):
+    return tree["params"] if isinstance(tree, dict) and set(tree) == {"params"} else tree
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# whole model → HF state dict
+
+
+def hf_state_dict(params, config: BertConfig) -> dict[str, np.ndarray]:
+    """A `Classifier` parameter tree (plain arrays: `lora_jax.merge` adapted trees first) as a
+    ``BertForSequenceClassification`` state dict: ``bert.*`` from `hf_key_map` (Linear weights
+    transposed back to (out, in)) and ``classifier.weight``/``.bias`` from the head. The pooler is
+    included when the tree has one."""
+    p = _params(params)
+    if "encoder" not in p:
+        raise PeftFormatError("expected a Classifier tree {'encoder': ..., 'head': ...}")
+    with_pooler = "pooler" in p["encoder"]
+    out = {}
+    for key, (path, transpose) in hf_key_map(config, with_pooler=with_pooler).items():
+        x = _get(p["encoder"], path)
+        if x is None:
+            raise PeftFormatError(f"encoder/{'/'.join(path)} missing from the tree")
+        if not isinstance(x, (np.ndarray,)) and not hasattr(x, "shape"):
+            raise PeftFormatError(f"encoder/{'/'.join(path)} is not an array (merge LoRA nodes first)")
+        x = _np(x)
+        out[f"{ENCODER_MODULE}.{key}"] = np.ascontiguousarray(x.T if transpose else x)
+    if HEAD in p:
+        out[f"{HEAD_MODULE}.weight"] = np.ascontiguousarray(_np(p[HEAD]["kernel"]).T)
+        out[f"{HEAD_MODULE}.bias"] = _np(p[HEAD]["bias"])
+    return out
+
+
+def hf_config_dict(config: BertConfig, num_labels: int | None = None) -> dict[str, Any]:
+    """The HF ``config.json`` fields of `config` (plus ``num_labels``)."""
+    import dataclasses
+
+    d = dataclasses.asdict(config)
+    if num_labels is not None:
+        d["num_labels"] = int(num_labels)
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def adapter_tensors(params, config: BertConfig, *, head: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """``(tensors, per_module)``: PEFT's tensors for the LoRA nodes (and head) of `params`, and
+    ``{hf module: (r, scale, dropout)}``. `params` may be the adapted tree or its trainable half."""
+    from lora_jax import is_lora
+
+    p = _params(params)
+    names = module_map(config, with_pooler=True)
+    found = {}
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(p, is_leaf=is_lora)[0]
+    tensors: dict[str, np.ndarray] = {}
+    for kp, leaf in leaves:
+        path = tuple(str(getattr(k, "key", k)) for k in kp)
+        if not is_lora(leaf):
+            continue
+        if path not in names:
+            raise PeftFormatError(f"LoRA node at {'/'.join(path)} has no HF module name (PEFT can hold "
+                                  f"adapters on the encoder's Linear layers only)")
+        if leaf.roles != "io" or np.ndim(leaf.a) != 2:
+            raise PeftFormatError(f"LoRA node at {'/'.join(path)}: roles {leaf.roles!r}, a {np.shape(leaf.a)}; "
+                                  "only plain 2-D Linear adapters map onto PEFT's lora_A/lora_B")
+        mod = names[path]
+        a, b = _np(leaf.a), _np(leaf.b)
+        tensors[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = np.ascontiguousarray(a.T)  # (r, in)
+        tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = np.ascontiguousarray(b.T)  # (out, r)
+        found[mod] = (int(a.shape[-1]), float(leaf.scale), float(leaf.dropout))
+    if not found:
+        raise PeftFormatError("no LoRA node in the tree: nothing to export (full fine-tuning and the "
+                              "linear probe have no adapters)")
+    if head and HEAD in p and p[HEAD] is not None:
+        hk, hb = _get(p, (HEAD, "kernel")), _get(p, (HEAD, "bias"))
+        if hk is not None and hb is not None:
+            tensors[f"{PEFT_PREFIX}{HEAD_MODULE}.weight"] = np.ascontiguousarray(_np(hk).T)
+            tensors[f"{PEFT_PREFIX}{HEAD_MODULE}.bias"] = _np(hb)
+    return tensors, found
+
+
+def export_peft(directory, params, config: BertConfig, *, rslora: bool = False,
+                base_model_name_or_path: str | None = None, head: bool = True,
+                task_type: str = "SEQ_CLS") -> Path:
+    """Write the LoRA nodes of `params` (a `Classifier` tree, adapted or its trainable half) as a
+    PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads onto HF's
+    ``BertForSequenceClassification``; the head goes to ``modules_to_save`` (``classifier``).
+
+    Each node's rank r and ``scale`` give its ``lora_alpha = scale·r`` (``scale·√r`` with
+    `rslora`, which must say how the adapters were built: a node only knows its scale). The most
+    common (r, alpha) becomes ``r``/``lora_alpha``; other modules get ``rank_pattern``/
+    ``alpha_pattern`` entries under their full module path. ``target_modules`` lists the full
+    module paths adapted (exact: a PEFT suffix list such as ``["dense"]`` would also catch the pooler).
+    """
+    from safetensors.numpy import save_file
+
+    tensors, found = adapter_tensors(params, config, head=head)
+    drops = {d for _, _, d in found.values()}
+    if len(drops) > 1:
+        raise PeftFormatError(f"adapters with different dropout rates {sorted(drops)}: PEFT has one lora_dropout")
+    per = {m: (r, _number(s * (math.sqrt(r) if rslora else r))) for m, (r, s, _) in found.items()}
+    (r0, alpha0), _ = Counter(per.values()).most_common(1)[0]
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": alpha0,
+        "lora_dropout": drops.pop(),
+        "target_modules": sorted(found),
+        "rank_pattern": {m: r for m, (r, _) in sorted(per.items()) if r != r0},
+        "alpha_pattern": {m: a for m, (_, a) in sorted(per.items()) if a != alpha0},
+        "use_rslora": bool(rslora),
+        "modules_to_save": [HEAD_MODULE] if any(k.startswith(PEFT_PREFIX + HEAD_MODULE + ".") for k in tensors) else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# import
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's lookup of rank_pattern/alpha_pattern (`peft.utils.other.get_pattern_key`): the first
+    key, in order, with ``re.match(rf"(.*\\.)?({key})$", module)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_peft(directory) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(adapter_config, tensors)`` of a PEFT directory (keys as stored)."""
+    from safetensors.numpy import load_file
+
+    d = Path(directory)
+    if not (d / CONFIG_NAME).is_file():
+        raise PeftFormatError(f"{d} has no {CONFIG_NAME}")
+    cfg = json.loads((d / CONFIG_NAME).read_text())
+    if (d / WEIGHTS_NAME).is_file():
+        tensors = load_file(str(d / WEIGHTS_NAME))
+    else:
+        raise PeftFormatError(f"{d} has no {WEIGHTS_NAME} (a pickled adapter_model.bin is not read)")
+    return cfg, tensors
+
+
+def import_peft(directory, params, config: BertConfig, *, dtype=None):
+    """`params` (a plain `Classifier` tree, e.g. from `train.bert.init_classifier`) with the PEFT
+    adapter in `directory` put on: each adapted Linear becomes a `lora_jax.LoRA` node (``a =
+    lora_Aᵀ``, ``b = lora_Bᵀ``, ``scale = alpha/r`` or ``alpha/√r``, rank and alpha per module from
+    ``rank_pattern``/``alpha_pattern``), and a saved ``classifier`` (``modules_to_save``) replaces
+    the head. Returns the tree in the form it was given (``{"params": …}`` or bare).
+
+    Refused (`PeftFormatError`): DoRA, trained biases, fan_in_fan_out, modules with no counterpart
+    in the tree (e.g. pooler adapters when the tree has no pooler), unknown keys, shape mismatches.
+    """
+    import jax.numpy as jnp
+
+    from lora_jax import LoRA, is_lora
+
+    cfg, tensors = read_peft(directory)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise PeftFormatError(f"peft_type {cfg.get('peft_type')!r}: only LORA adapters are read")
+    if cfg.get("use_dora"):
+        raise PeftFormatError("DoRA adapters (use_dora) are not LoRA nodes; not read")
+    if cfg.get("fan_in_fan_out"):
+        raise PeftFormatError("fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to BERT")
+    if cfg.get("bias", "none") != "none":
+        raise PeftFormatError(f"bias={cfg['bias']!r}: trained biases are not read")
+    wrapped = isinstance(params, dict) and set(params) == {"params"}
+    p = _params(params)
+    with_pooler = "pooler" in p.get("encoder", {})
+    inv = {v: k for k, v in module_map(config, with_pooler=True).items()}
+    r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
+    rslora = bool(cfg.get("use_rslora", False))
+    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+
+    mods: dict[str, dict[str, np.ndarray]] = {}
+    head: dict[str, np.ndarray] = {}
+    unknown = []
+    for key, x in tensors.items():
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", k)
+        if m:
+            mods.setdefault(m.group(1), {})[m.group(2)] = np.asarray(x)
+        elif re.fullmatch(rf"{HEAD_MODULE}(?:\.modules_to_save(?:\.[^.]+)?)?\.(weight|bias)", k):
+            head[k.rsplit(".", 1)[1]] = np.asarray(x)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise PeftFormatError(f"keys this reader does not know: {unknown[:8]}")
+    if not mods:
+        raise PeftFormatError(f"{directory}: no lora_A/lora_B weights")
+    out = p
+    for mod, ab in sorted(mods.items()):
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise PeftFormatError(f"{mod}: has {sorted(ab)}, needs lora_A and lora_B")
+        if mod not in inv:
+            raise PeftFormatError(f"{mod}: no such Linear in this model's encoder (have e.g. "
+                                  f"{sorted(inv)[:3]}{'; the tree has no pooler' if 'pooler' in mod else ''})")
+        path = inv[mod]
+        if "pooler" in mod and not with_pooler:
+            raise PeftFormatError(f"{mod}: the adapter adapts the pooler but the tree has none "
+                                  "(build the Classifier with pooling='pooler')")
+        w = _get(out, path)
+        if w is None or is_lora(w):
+            raise PeftFormatError(f"{'/'.join(path)} missing from the tree, or already a LoRA node")
+        A, B = ab["lora_A"], ab["lora_B"]
+        r = int(_pattern_value(ranks, mod, r0))
+        if A.shape != (r, w.shape[0]) or B.shape != (w.shape[1], r):
+            raise PeftFormatError(f"{mod}: lora_A {A.shape}, lora_B {B.shape} do not fit the kernel "
+                                  f"{tuple(w.shape)} (in, out) at rank {r}")
+        alpha = float(_pattern_value(alphas, mod, alpha0))
+        scale = alpha / (math.sqrt(r) if rslora else r)
+        adt = dtype or jnp.float32
+        node = LoRA(w=w, a=jnp.asarray(A.T, adt), b=jnp.asarray(B.T, adt), scale=scale, roles="io",
+                    dropout=dropout)
+        out = _set(out, path, node)
+    if head:
+        if set(head) != {"weight", "bias"}:
+            raise PeftFormatError(f"classifier: has {sorted(head)}, needs weight and bias")
+        if HEAD not in out:
+            raise PeftFormatError("the adapter saves a classifier head but the tree has none")
+        hk = out[HEAD]["kernel"]
+        if head["weight"].T.shape != tuple(hk.shape):
+            raise PeftFormatError(f"classifier.weight {head['weight'].shape} does not fit the head kernel "
+                                  f"{tuple(hk.shape)} (num_classes differ?)")
+        out = _set(out, (HEAD, "kernel"), jnp.asarray(head["weight"].T, hk.dtype))
+        out = _set(out, (HEAD, "bias"), jnp.asarray(head["bias"], out[HEAD]["bias"].dtype))
+    return {"params": out} if wrapped else out
+
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PeftFormatError", "adapter_tensors", "export_peft",
+           "hf_config_dict", "hf_state_dict", "import_peft", "module_map", "read_peft"]
