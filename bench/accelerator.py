@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import statistics
@@ -226,6 +227,8 @@ class Case:
     memory: dict = dataclasses.field(default_factory=dict)
     times: list = dataclasses.field(default_factory=list)
     skipped: str | None = None
+    check: Callable[[], dict] | None = None  # run once after timing; its dict joins the record
+    checked: dict = dataclasses.field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -342,7 +345,18 @@ def attention_cases(s: Setup) -> list[Case]:
     if jax.default_backend() == "gpu":
         impls["cudnn"] = (lambda q, k, v, m: bert.attention(q, k, v, m, implementation="cudnn"), mask)
         impls["cudnn_kv_lengths"] = (by_lengths, lengths)
-    return [Case("attention", name, fwd_bwd(attend), (q, k, v, ct, aux))
+    reference = jax.jit(impls["xla"][0])(q, k, v, mask).astype(jnp.float32)
+
+    def against_xla(attend, aux):
+        """Largest |difference| of the forward output from XLA's, relative to XLA's largest."""
+        def check():
+            out = jax.jit(attend)(q, k, v, aux).astype(jnp.float32)
+            err = jnp.max(jnp.abs(out - reference)) / jnp.max(jnp.abs(reference))
+            return {"rel_max_diff_vs_xla": float(err)}
+        return check
+
+    return [Case("attention", name, fwd_bwd(attend), (q, k, v, ct, aux),
+                 check=against_xla(attend, aux))
             for name, (attend, aux) in impls.items()]
 
 
@@ -419,47 +433,82 @@ def compile_case(case: Case, lowered) -> None:
         case.memory["cudnn_fmha_calls"] = text.count('custom_call_target="__cudnn$fmha')
 
 
+def failed(e: Exception) -> str:
+    return f"failed: {type(e).__name__}: {str(e)[:300]}"
+
+
 def compile_all(cases: list[Case], args, start: float, log=print) -> None:
     """Lower and compile each case in order until the budget less a reserve for timing
-    (`compile_deadline`) is spent; the rest are
-    marked skipped. With ``--compile-threads N > 1`` every case is lowered first (in order, within
-    the budget) and the compiles run N at a time: faster, but each compile_s then includes
-    waiting on the others."""
+    (`compile_deadline`) is spent; the rest are marked skipped, as is any case whose lowering or
+    compilation raises (the run goes on). With ``--compile-threads N > 1`` every case is lowered
+    first (in order, within the budget) and the compiles run N at a time: faster, but each
+    compile_s then includes waiting on the others."""
     def over_budget(case):
         if time.perf_counter() - start > compile_deadline(args.budget_s):
             case.skipped = f"time budget ({args.budget_s:.0f} s) spent before compiling"
             return True
         return False
 
+    def lower(case):
+        try:
+            return lower_case(case)
+        except Exception as e:  # noqa: BLE001 - one broken case must not lose the others
+            case.skipped = failed(e)
+            return None
+
+    def build(case, lowered):
+        try:
+            compile_case(case, lowered)
+        except Exception as e:  # noqa: BLE001
+            case.skipped = failed(e)
+
     def done(case):
-        log(f"  compiled {case.key:34} lower {case.lower_s:6.1f} s  compile {case.compile_s:6.1f} s")
+        if case.skipped:
+            log(f"  {case.key:43} {case.skipped}")
+        else:
+            log(f"  compiled {case.key:34} lower {case.lower_s:6.1f} s  compile {case.compile_s:6.1f} s")
 
     if args.compile_threads <= 1:
         for case in cases:
             if not over_budget(case):
-                compile_case(case, lower_case(case))
+                lowered = lower(case)
+                if lowered is not None:
+                    build(case, lowered)
                 done(case)
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    lowered = [(case, lower_case(case)) for case in cases if not over_budget(case)]
+    lowered = [(case, lower(case)) for case in cases if not over_budget(case)]
+    lowered = [(case, low) for case, low in lowered if low is not None]
     with ThreadPoolExecutor(args.compile_threads) as pool:
-        for case, _ in zip(lowered, pool.map(lambda cl: compile_case(*cl), lowered)):
-            done(case[0])
+        for (case, _), _ in zip(lowered, pool.map(lambda cl: build(*cl), lowered)):
+            done(case)
 
 
 def run(cases: list[Case], args, start: float, log=print) -> None:
-    """Compile (within 80% of the budget), warm up, then time round-robin."""
+    """Compile (within the budget), warm up (a case that fails here is skipped), then time
+    round-robin, one call of each case per round."""
     compile_all(cases, args, start, log)
+    for case in cases:
+        if case.skipped is None:
+            try:
+                for _ in range(args.warmup):
+                    case.call()
+            except Exception as e:  # noqa: BLE001
+                case.skipped = failed(e)
+                log(f"  {case.key:43} {case.skipped}")
     live = [c for c in cases if c.skipped is None]
-    for _ in range(args.warmup):
-        for case in live:
-            case.call()
     for r in range(args.rounds):
         if r >= 3 and time.perf_counter() - start > args.budget_s:
             break
         for case in live:
             case.times.append(case.call())
+    for case in live:
+        if case.check is not None:
+            try:
+                case.checked = case.check()
+            except Exception as e:  # noqa: BLE001
+                case.checked = {"check": failed(e)}
 
 
 def median_ratio(num: Case, den: Case) -> float:
@@ -514,7 +563,7 @@ def case_record(case: Case) -> dict:
         return rec
     ms = [t * 1e3 for t in case.times]
     rec.update(ms=statistics.median(ms), ms_min=min(ms), ms_max=max(ms), rounds=len(ms),
-               lower_s=case.lower_s, compile_s=case.compile_s, **case.memory)
+               lower_s=case.lower_s, compile_s=case.compile_s, **case.memory, **case.checked)
     return rec
 
 
@@ -545,7 +594,7 @@ def print_table(env: dict, records: list[dict], log=print) -> None:
         log(f"{r['name']:52} {value:>7} {goal:>6}  {ok}")
 
 
-def main(argv=None, log=print) -> list[dict]:
+def main(argv=None, log=functools.partial(print, flush=True)) -> list[dict]:
     """Run the benchmark; returns the JSON records (also printed, and written to ``--json``)."""
     args = parse_args(argv)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -63,6 +64,20 @@ def test_every_measurement_finite_and_positive(records):
             assert math.isfinite(r[field]) and r[field] > 0, (key, field, r[field])
         assert r["rounds"] == 3
         assert r["argument_bytes"] > 0 and r["temp_bytes"] >= 0, (key, r)
+    assert got["attention/xla"]["rel_max_diff_vs_xla"] == 0.0
+
+
+def test_a_failing_function_is_skipped_and_the_rest_run():
+    def broken(x):
+        raise NotImplementedError("no kernel for this")
+
+    cases = [accelerator.Case("opt", "broken", broken, (jnp.ones(3),)),
+             accelerator.Case("opt", "fine", lambda x: x * 2, (jnp.ones(3),))]
+    args = accelerator.parse_args(["--rounds", "4", "--warmup", "1"])
+    accelerator.run(cases, args, start=time.perf_counter(), log=lambda *_: None)
+    assert cases[0].skipped.startswith("failed: NotImplementedError: no kernel")
+    assert cases[1].skipped is None and len(cases[1].times) == 4
+    assert accelerator.case_record(cases[0])["skipped"].startswith("failed")
 
 
 def test_ratios(records):
