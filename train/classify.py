@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run directory name (default: <method>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--export-peft", default=None, metavar="DIR",
+                   help="after training, write the adapters (and the head, as modules_to_save) as a PEFT "
+                        "adapter directory (adapter_config.json + adapter_model.safetensors) loadable with "
+                        "peft.PeftModel.from_pretrained onto transformers' BertForSequenceClassification "
+                        "(train.peft_format); LoRA methods only. HF's head pools with the pooler: train with "
+                        "--pooling pooler for the same logits there")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -126,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
+    if args.export_peft is not None and args.method not in LORA_METHODS:
+        raise ConfigError(f"--export-peft writes LoRA adapters; --method {args.method} trains none "
+                          f"(use one of {', '.join(LORA_METHODS)})")
     for name, ok, rule in _NUMERIC_RULES:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
@@ -595,10 +604,27 @@ def run(args: argparse.Namespace) -> dict:
         "params_sha256": tree_checksum(jax.tree_util.tree_leaves(tr))[0],
         "run_dir": str(run_dir),
     }
+    if args.export_peft is not None:
+        summary["peft_dir"] = str(export_peft(args, setup, tr, fr, model_dir))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if not args.no_plot:
         plot_runs(args.out)
     return summary
+
+
+def export_peft(args, setup: Setup, tr, fr, model_dir) -> Path:
+    """Write the trained adapters and head as a PEFT directory (`train.peft_format.export_peft`)."""
+    import lora_jax
+    from train import peft_format
+
+    if args.pooling != "pooler":
+        print(f"--export-peft: trained with --pooling {args.pooling}; transformers' "
+              "BertForSequenceClassification pools with the tanh pooler on [CLS] (our --pooling pooler), "
+              "so its logits will differ; the encoder adapters are exported all the same", file=sys.stderr)
+    out = peft_format.export_peft(args.export_peft, lora_jax.combine(tr, fr), setup.model.config,
+                                  base_model_name_or_path=str(model_dir))
+    print(f"PEFT adapter written to {out}", file=sys.stderr)
+    return out
 
 
 def format_summary(s: dict) -> str:
