@@ -150,10 +150,10 @@ def _fused_attention(q, k, v, mask, implementation: str):
 def attention(q, k, v, mask, *, implementation: str | None = None):
     """Softmax attention of (B, T, heads, head_dim) `q`, `k`, `v` (the layout
     `jax.nn.dot_product_attention` takes) over the keys where the (B, S) bool `mask` is True;
-    returns (B, T, heads, head_dim). Logits and softmax in float32, as HF's fp32 softmax.
+    returns (B, T, heads, head_dim). Logits and softmax are computed in float32.
 
     `implementation`: None picks per `attention_implementation` (cuDNN on GPU where it applies,
-    XLA elsewhere, falling back to XLA if cuDNN refuses the shapes at trace time); "xla" or
+    XLA elsewhere, falling back to XLA with a warning if cuDNN fails at trace time); "xla" or
     "cudnn" force one (a forced "cudnn" raises where cuDNN cannot run).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
