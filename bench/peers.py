@@ -3,6 +3,7 @@
     python -m bench.peers                      # all-MiniLM-L6-v2 (real weights), batch 16 × 64, r 8, α 16
     python -m bench.peers --model bert-base    # BERT-base shape (12 × 768), random weights
     python -m bench.peers --setup-only         # just create the peers' virtual environment
+    python -m bench.peers --all                # every table of bench/RESULTS.md's "PEFT side by side"
 
 The peers live in their own virtual environment (``.venv-peers`` at the repository root, or
 ``$LORA_JAX_PEERS_VENV``), created here when missing: ``pip install torch==2.13.0`` first (the CPU
@@ -507,6 +508,25 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def run_all() -> None:
+    py = ensure_venv()
+    steps = [
+        ("lora-pro-adamw's definition differences", [str(py), str(ROOT / "bench" / "lora_pro_reference_differences.py")]),
+        ("cross-checks against transformers, PEFT and lora-pro-adamw",
+         [sys.executable, "-m", "pytest", "-m", "slow or not slow", "-s", "-q", "-p", "no:cacheprovider",
+          "tests/test_peers.py", "tests/test_peft_format.py"]),
+        ("benchmark: all-MiniLM-L6-v2", [sys.executable, "-m", "bench.peers", "--model", "minilm"]),
+        ("benchmark: BERT-base shape, random weights", [sys.executable, "-m", "bench.peers", "--model", "bert-base"]),
+    ]
+    failed = []
+    for title, cmd in steps:
+        print(f"\n===== {title}: {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            failed.append(title)
+    if failed:
+        raise SystemExit(f"failed: {failed}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm", choices=("minilm", "bert-base", "tiny"),
@@ -523,7 +543,13 @@ def main(argv=None):
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", default=None, help="default bench/results/peers-<model>.json")
     p.add_argument("--setup-only", action="store_true", help="create the peers venv and exit")
+    p.add_argument("--all", action="store_true",
+                   help="everything bench/RESULTS.md reports from this comparison, in order: create the peers "
+                        "venv, show lora-pro-adamw's definition differences, run the cross-check tests (fast and "
+                        "slow, figures printed), then this benchmark on MiniLM and on BERT-base")
     args = p.parse_args(argv)
+    if args.all:
+        return run_all()
     if args.setup_only:
         py = ensure_venv()
         print(subprocess.run([str(py), str(WORKER), "--versions"], capture_output=True, text=True).stdout.strip())

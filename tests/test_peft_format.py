@@ -188,6 +188,8 @@ def _classify_export_check(model_dir: Path, out: Path, extra=(), tol=1e-4):
     base = np.asarray(model.apply(variables, jnp.asarray(ids), jnp.asarray(mask)))
     err = {k: float(np.abs(got - z[k]).max() / np.abs(z[k]).max()) for k in ("unmerged", "merged")}
     assert np.abs(got - base).max() > 1e-3, "training must have moved the logits"
+    print(f"\n[figure] train.classify --export-peft loaded by peft.PeftModel.from_pretrained, logits max relative "
+          f"error: {err}")
     assert max(err.values()) <= tol, err
     return err
 
@@ -212,6 +214,7 @@ def test_peft_trained_adapter_imports_with_peft_logits(tmp_path):
     base = case.model.apply({"params": case.params}, b["input_ids"], b["attention_mask"], b["token_type_ids"])
     assert np.abs(np.asarray(base) - theirs).max() > 1e-3  # PEFT's training changed something
     err = float(np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max())
+    print(f"\n[figure] PEFT-trained adapter imported: logits max relative error vs PEFT {err:.2e}")
     assert err <= 1e-5, err
     # and back out: our export of what we imported holds PEFT's tensors exactly
     from safetensors.numpy import load_file
