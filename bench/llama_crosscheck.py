@@ -15,7 +15,8 @@ pip-installs ``gguf`` there if it is missing), against `train.llama.load_gguf` a
   ``rel = max|ours − theirs| / max|theirs|`` per prompt, and the argmax at every position;
 * greedy generation of 32 new tokens, both with eos stopping (as ``generate`` defaults) and
   with eos disabled so all 32 tokens are compared;
-* the HF path: transformers' ``save_pretrained`` of its GGUF-loaded model and tokenizer, read by
+* the HF path: transformers' GGUF-loaded model written as HF safetensors + ``config.json``
+  (its state dict; ``save_pretrained`` refuses GGUF-loaded models) and its tokenizer, read by
   `train.llama.load_hf` / ``LlamaTokenizer.from_dir``: every weight equal to `load_gguf`'s
   (the Q/K un-permutation is done independently on each side).
 
@@ -100,7 +101,7 @@ def torch_side(spec_path: str) -> None:
     model = LlamaForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     res: dict = {"versions": {"torch": torch.__version__,
                               "transformers": __import__("transformers").__version__,
-                              "gguf": __import__("gguf").__version__}}
+                              "gguf": __import__("importlib.metadata").metadata.version("gguf")}}
     res["string_ids"] = [tok(s, add_special_tokens=True)["input_ids"] for s in spec["strings"]]
     res["decoded"] = [tok.decode(ids) for ids in res["string_ids"]]
     res["chat_ids"] = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
@@ -126,8 +127,16 @@ def torch_side(spec_path: str) -> None:
     res["generated"], res["generated_no_eos"] = gens, gens_full
     res["answer"] = tok.decode(gens[0], skip_special_tokens=True)
     np.savez(out / "torch_logits.npz", **logits)
+    # save_pretrained refuses a GGUF-loaded model, so write what it would: config.json and a
+    # safetensors state dict with HF key names (lm_head dropped when tied, as it does)
+    from safetensors.torch import save_file
+
     hf_dir = out / "hf"
-    model.save_pretrained(hf_dir)
+    hf_dir.mkdir(exist_ok=True)
+    model.config.to_json_file(hf_dir / "config.json")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_file(state, hf_dir / "model.safetensors")
     tok.save_pretrained(hf_dir)
     res["hf_dir"] = str(hf_dir)
     (out / "torch.json").write_text(json.dumps(res))
@@ -239,7 +248,7 @@ def report(res: dict) -> str:
         f"greedy generation, {g['tokens']} new tokens: equal with eos stopping {g['equal_with_eos']}; "
         f"all {g['tokens']} with eos disabled {g['equal_32_no_eos']}",
         f"  {g['question']!r} → ours {g['answer_ours']!r} | transformers {g['answer_transformers']!r}",
-        f"HF safetensors (transformers' save_pretrained) via load_hf: config equal {hf['config_equal']}, "
+        f"HF safetensors (transformers' GGUF-loaded state dict + config.json) via load_hf: config equal {hf['config_equal']}, "
         f"max |weight diff| vs load_gguf {hf['max_abs_weight_diff']:.1e}; tokenizer.json ids equal "
         f"{hf['tokenizer_equal']}/{t['strings']}",
     ]
