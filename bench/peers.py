@@ -234,7 +234,7 @@ def jax_batch(case: Case):
 
 
 def make_jax_method(case: Case, method: str, *, lr: float = 1e-3, weight_decay: float = 0.0,
-                    lora_pro_kwargs: dict | None = None):
+                    eps: float = 1e-8, lora_pro_kwargs: dict | None = None):
     """``(step, state)`` with ``state = (trainable, opt_state, frozen)`` and
     ``step(state, batch) -> (state, loss)`` jitted (trainable and optimizer state donated)."""
     import jax
@@ -249,7 +249,7 @@ def make_jax_method(case: Case, method: str, *, lr: float = 1e-3, weight_decay: 
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     if method == "jax_full":
-        opt = optax.adamw(lr, weight_decay=weight_decay)
+        opt = optax.adamw(lr, eps=eps, weight_decay=weight_decay)
         trainable, frozen = case.params, None
 
         def loss_fn(tr, fr, b):
@@ -258,11 +258,11 @@ def make_jax_method(case: Case, method: str, *, lr: float = 1e-3, weight_decay: 
     else:
         trainable, frozen = lora_jax.split(case.adapted, trainable=r"^head/")
         if method == "jax_lora":
-            opt = optax.adamw(lr, weight_decay=weight_decay)
+            opt = optax.adamw(lr, eps=eps, weight_decay=weight_decay)
         elif method == "jax_lora_pro_efficient":
-            opt = optax.chain(lora_jax.lora_pro(**kw), optax.adamw(lr, weight_decay=weight_decay))
+            opt = optax.chain(lora_jax.lora_pro(**kw), optax.adamw(lr, eps=eps, weight_decay=weight_decay))
         elif method == "jax_lora_pro_adamw":
-            opt = lora_jax.lora_pro_adamw(lr, weight_decay=weight_decay, **kw)
+            opt = lora_jax.lora_pro_adamw(lr, eps=eps, weight_decay=weight_decay, **kw)
         else:
             raise ValueError(method)
         fwd = lora_jax.wrap(model.apply)
@@ -386,6 +386,7 @@ def benchmark(args) -> dict:
     import jax
 
     python = ensure_venv()
+    machine_start = machine()
     tmp = Path(tempfile.mkdtemp(prefix="lora_jax_peers_"))
     kind = args.model
     print(f"building {kind} (batch {args.batch} × {args.seq}, r {args.rank}, alpha {args.alpha}) ...",
@@ -468,7 +469,7 @@ def benchmark(args) -> dict:
         "command": "python -m bench.peers " + " ".join(sys.argv[1:]),
         "model": kind, "batch": args.batch, "seq": args.seq, "rank": args.rank, "alpha": args.alpha,
         "lr": args.lr, "rounds": args.rounds, "steps_per_block": args.steps, "fwd_steps_per_block": args.fwd_steps,
-        "targets": case.modules, "machine": {**machine(), "load_avg_end": os.getloadavg()},
+        "targets": case.modules, "machine": {**machine_start, "load_avg_end": os.getloadavg()},
         "jax": {**jax_versions(), "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]},
         "torch": {**info["versions"], "threads": info["threads"]},
         "times_s": times, "median_s": med,

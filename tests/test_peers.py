@@ -111,18 +111,20 @@ def test_forward_logits_match_transformers(case, tmp_path):
 # (b) LoRA + AdamW against PEFT + torch.optim.AdamW
 
 
-def _lora_check(case, tmp_path, steps=2, lr=1e-2, wd=0.01, tol=1e-5):
-    theirs = _torch(case, tmp_path, steps, "lora", lr=lr, weight_decay=wd)
-    ours = peers.run_jax_steps(case, "jax_lora", steps, lr=lr, weight_decay=wd)
+def _lora_check(case, tmp_path, steps=2, lr=1e-2, wd=0.01, tol=1e-5, eps=1e-8, update_tol=1e-3):
+    theirs = _torch(case, tmp_path, steps, "lora", lr=lr, weight_decay=wd, eps=eps)
+    ours = peers.run_jax_steps(case, "jax_lora", steps, lr=lr, weight_decay=wd, eps=eps)
     before = _before(case)
     errs = []
     for i in range(steps):
         p, u = update_errors(ours[i], theirs[i], before)
         errs.append((p, u))
         assert p <= tol, (i, p, u)
-        assert u <= 1e-3, (i, p, u)  # the step itself, relative to its size
+        assert u <= update_tol, (i, p, u)  # the step itself, relative to its size
         before = theirs[i]
-    print(f"\n[figure] (b) LoRA + AdamW vs PEFT + torch AdamW, (parameter, update) error per step: {errs}")
+    worst = max(theirs[0], key=lambda k: rel(ours[0][k], theirs[0][k]))
+    print(f"\n[figure] (b) LoRA + AdamW vs PEFT + torch AdamW, (parameter, update) error per step: {errs}; "
+          f"largest step-1 parameter error in {worst}")
     return errs
 
 
@@ -142,11 +144,11 @@ def test_lora_adamw_steps_match_peft(case, tmp_path):
 # within 10·tol.
 
 
-def _efficient_check(case, tmp_path, steps=2, lr=1e-3, tol=1e-4):
-    ours = peers.run_jax_steps(case, "jax_lora_pro_efficient", steps, lr=lr,
+def _efficient_check(case, tmp_path, steps=2, lr=1e-3, tol=1e-4, eps=1e-8):
+    ours = peers.run_jax_steps(case, "jax_lora_pro_efficient", steps, lr=lr, eps=eps,
                                lora_pro_kwargs={"damping": 1e-6})
-    aligned = _torch(case, tmp_path, steps, "lora_pro_efficient", lr=lr, efficient_solver="eig")
-    default = _torch(case, tmp_path, steps, "lora_pro_efficient", lr=lr)  # "vec": transposed equation
+    aligned = _torch(case, tmp_path, steps, "lora_pro_efficient", lr=lr, eps=eps, efficient_solver="eig")
+    default = _torch(case, tmp_path, steps, "lora_pro_efficient", lr=lr, eps=eps)  # "vec": transposed equation
     before = _before(case)
     _, u_aligned = update_errors(ours[0], aligned[0], before)
     _, u_default = update_errors(ours[0], default[0], before)
@@ -160,11 +162,11 @@ def _efficient_check(case, tmp_path, steps=2, lr=1e-3, tol=1e-4):
     return u_aligned, u_default, later
 
 
-def _full_check(case, tmp_path, steps=2, lr=1e-3, tol=1e-4):
-    ours = peers.run_jax_steps(case, "jax_lora_pro_adamw", steps, lr=lr)
-    aligned = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr, ref_patches=["no_step0_branch", "fp32_v"])
-    as_is = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr)
-    no_bf16 = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr, ref_patches=["no_step0_branch"])
+def _full_check(case, tmp_path, steps=2, lr=1e-3, tol=1e-4, eps=1e-8):
+    ours = peers.run_jax_steps(case, "jax_lora_pro_adamw", steps, lr=lr, eps=eps)
+    aligned = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr, eps=eps, ref_patches=["no_step0_branch", "fp32_v"])
+    as_is = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr, eps=eps)
+    no_bf16 = _torch(case, tmp_path, steps, "lora_pro_full", lr=lr, eps=eps, ref_patches=["no_step0_branch"])
     before = _before(case)
     errs = {}
     for i in range(steps):
@@ -222,13 +224,27 @@ def test_minilm_forward_matches_transformers(minilm_case, tmp_path):
     print(_forward_check(minilm_case, tmp_path, 1e-5))
 
 
+# MINILM_EPS: with the real weights and HF's normal(0.02) head the adapter gradients span many decades
+# (b starts at 0.02·N(0,1)); elements with |g| near Adam's ε = 1e-8 turn the ~1e-7 relative float32
+# differences of the two frameworks' gradients into O(1e-2) differences of their normalised step
+# g/(|g|+ε) (measured at ε = 1e-8, lr 1e-2: parameters 7.8e-3, update 1.0e-3). ε = 1e-6 on both
+# sides bounds that sensitivity (|d step/dg| ≤ 1/ε); the definitions compared are unchanged.
+
+
 @pytest.mark.slow
 @needs_peers
 def test_minilm_lora_adamw_matches_peft(minilm_case, tmp_path):
-    print(_lora_check(minilm_case, tmp_path))
+    # measured: parameters and update 4.3e-5 / 4.5e-5 at step 1 (tiny model: 6.2e-6 / 6.8e-6)
+    _lora_check(minilm_case, tmp_path, lr=1e-3, eps=1e-6, tol=1e-4, update_tol=1e-4)  # MINILM_EPS
 
 
 @pytest.mark.slow
 @needs_peers
-def test_minilm_lora_pro_matches_reference(minilm_case, tmp_path):
-    print(_efficient_check(minilm_case, tmp_path), _full_check(minilm_case, tmp_path))
+def test_minilm_lora_pro_efficient_matches_reference(minilm_case, tmp_path):
+    _efficient_check(minilm_case, tmp_path, eps=1e-6)  # MINILM_EPS
+
+
+@pytest.mark.slow
+@needs_peers
+def test_minilm_lora_pro_adamw_matches_reference_full_mode(minilm_case, tmp_path):
+    _full_check(minilm_case, tmp_path, eps=1e-6)  # MINILM_EPS
