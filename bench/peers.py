@@ -518,6 +518,7 @@ def run_all() -> None:
           "tests/test_peers.py", "tests/test_peft_format.py"]),
         ("benchmark: all-MiniLM-L6-v2", [sys.executable, "-m", "bench.peers", "--model", "minilm"]),
         ("benchmark: BERT-base shape, random weights", [sys.executable, "-m", "bench.peers", "--model", "bert-base"]),
+        ("profile: where the LoRA step's time goes", [sys.executable, "-m", "bench.peers_profile"]),
     ]
     failed = []
     for title, cmd in steps:

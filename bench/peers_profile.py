@@ -7,7 +7,8 @@ JAX side: an ablation, each variant jitted and timed alternately (medians):
   forward; "data backward" (value and grad with respect to the LayerNorm scales only: the whole
   backward chain of activations, no weight gradients); LoRA grad (no optimizer); LoRA step;
   full-FT grad (no optimizer); full-FT step; LoRA grad with the tanh GELU instead of erf.
-PyTorch side (peers venv): torch.profiler's self-CPU-time table of one PEFT LoRA step.
+PyTorch side (peers venv): torch.profiler's self-CPU-time table of two PEFT LoRA steps.
+Both sides: the four products of one adapted Linear (x@w, dW, grad a, grad b) timed alone.
 """
 
 from __future__ import annotations
@@ -39,7 +40,41 @@ with profile(activities=[ProfilerActivity.CPU]) as prof:
     for _ in range(2):
         w.train_step(model, opt, batch, labels)
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=38))
+import time
+def t(f, n=30):
+    f(); t0 = time.perf_counter()
+    for _ in range(n): f()
+    return (time.perf_counter() - t0) / n * 1e3
+print("# PyTorch products (ms): T x in x out: x@w, dW = xT@dy, grad a = xT@(dy@bT), grad b = (x@a)T@dy")
+for (T, i, o) in [(1024, 384, 384), (1024, 384, 1536), (1024, 1536, 384)]:
+    x, dy, w, a, b = torch.randn(T, i), torch.randn(T, o), torch.randn(i, o), torch.randn(i, 8), torch.randn(8, o)
+    print(f"{T}x{i}x{o}: {t(lambda: x @ w):.3f} {t(lambda: x.T @ dy):.3f} {t(lambda: x.T @ (dy @ b.T)):.3f} {t(lambda: (x @ a).T @ dy):.3f}")
 '''
+
+
+def products() -> list[str]:
+    """The products of one adapted Linear (rank 8, MiniLM's shapes, 1024 tokens), jitted alone."""
+    import jax
+    import jax.numpy as jnp
+
+    def t(f, *a, n=30):
+        jax.block_until_ready(f(*a))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = f(*a)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / n * 1e3
+
+    rng = np.random.default_rng(0)
+    lines = ["# JAX products (ms): T x in x out: x@w, dW = xT@dy, grad a = xT@(dy@bT), grad b = (x@a)T@dy"]
+    for (T, i, o) in [(1024, 384, 384), (1024, 384, 1536), (1024, 1536, 384)]:
+        x, dy = jnp.asarray(rng.standard_normal((T, i)), jnp.float32), jnp.asarray(rng.standard_normal((T, o)), jnp.float32)
+        w, a = jnp.asarray(rng.standard_normal((i, o)), jnp.float32), jnp.asarray(rng.standard_normal((i, 8)), jnp.float32)
+        b = jnp.asarray(rng.standard_normal((8, o)), jnp.float32)
+        lines.append(f"{T}x{i}x{o}: {t(jax.jit(lambda x, w: x @ w), x, w):.3f} {t(jax.jit(lambda x, dy: x.T @ dy), x, dy):.3f} "
+                     f"{t(jax.jit(lambda x, dy, b: x.T @ (dy @ b.T)), x, dy, b):.3f} "
+                     f"{t(jax.jit(lambda x, a, dy: (x @ a).T @ dy), x, a, dy):.3f}")
+    return lines
 
 
 def main(argv=None):
@@ -115,6 +150,8 @@ def main(argv=None):
     med = {k: float(np.median(v)) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:44s} {1e3 * v:8.1f} ms")
+    prod = products()
+    print("\n" + "\n".join(prod))
     py = peers.peers_python()
     torch_table = None
     if py is not None:
@@ -126,7 +163,7 @@ def main(argv=None):
         torch_table = r.stdout if r.returncode == 0 else r.stderr[-2000:]
         print("\n# PyTorch: PEFT LoRA step, torch.profiler (2 steps)\n" + torch_table)
     out = peers.ROOT / "bench" / "results" / f"peers-profile-{args.model}.json"
-    out.write_text(json.dumps({"median_s": med, "times_s": times, "torch_profile": torch_table}, indent=1))
+    out.write_text(json.dumps({"median_s": med, "times_s": times, "jax_products": prod, "torch_profile": torch_table}, indent=1))
     print(f"wrote {out}")
 
 
