@@ -519,6 +519,8 @@ def run_all() -> None:
         ("benchmark: all-MiniLM-L6-v2", [sys.executable, "-m", "bench.peers", "--model", "minilm"]),
         ("benchmark: BERT-base shape, random weights", [sys.executable, "-m", "bench.peers", "--model", "bert-base"]),
         ("profile: where the LoRA step's time goes", [sys.executable, "-m", "bench.peers_profile"]),
+        ("profile: one optimizer update alone, BERT-base adapters",
+         [sys.executable, "-m", "bench.peers_profile", "--optimizer-updates", "bert-base"]),
     ]
     failed = []
     for title, cmd in steps:

@@ -77,6 +77,39 @@ def products() -> list[str]:
     return lines
 
 
+def optimizer_updates(kind: str = "bert-base", rounds: int = 5) -> dict[str, float]:
+    """Seconds of one optimizer update alone (jitted by itself) on `kind`'s adapter tree:
+    optax.adamw, lora_pro() + adamw, lora_pro_adamw."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lora_jax
+    from train import bert
+
+    cfg = bert.BertConfig() if kind == "bert-base" else bert.load_hf_safetensors(
+        __import__("train.assets", fromlist=["x"]).minilm_dir(), with_pooler=True)[0]
+    model, v = bert.init_classifier(cfg, 2, jax.random.key(0), pooling="pooler")
+    ad = lora_jax.apply(v["params"], 8, alpha=16, targets=bert.LORA_TARGETS)
+    tr, _ = lora_jax.split(ad, trainable="^head/")
+    tr = jax.tree_util.tree_map(lambda x: x + 0.01, tr)
+    g = jax.tree_util.tree_map(lambda x: 0.01 * jnp.ones_like(x), tr)
+    out = {}
+    for name, opt in (("optax.adamw", optax.adamw(1e-4)),
+                      ("lora_pro() + adamw", optax.chain(lora_jax.lora_pro(), optax.adamw(1e-4))),
+                      ("lora_pro_adamw", lora_jax.lora_pro_adamw(1e-4))):
+        st = opt.init(tr)
+        f = jax.jit(lambda g, st, p, opt=opt: opt.update(g, st, p))
+        jax.block_until_ready(f(g, st, tr))
+        ts = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(g, st, tr))
+            ts.append(time.perf_counter() - t0)
+        out[name] = float(np.median(ts))
+    return out
+
+
 def main(argv=None):
     import jax
     import jax.numpy as jnp
@@ -88,7 +121,16 @@ def main(argv=None):
     p.add_argument("--model", default="minilm", choices=("minilm", "bert-base", "tiny"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--optimizer-updates", default=None, choices=("minilm", "bert-base"),
+                   help="only time one optimizer update alone on this model's adapter tree, and exit")
     args = p.parse_args(argv)
+    if args.optimizer_updates:
+        res = optimizer_updates(args.optimizer_updates)
+        print(f"# one optimizer update alone, {args.optimizer_updates} adapters (r 8, all attention/FFN "
+              f"Linears), load {__import__('os').getloadavg()[0]:.2f}")
+        for k, v in res.items():
+            print(f"{k:24s} {1e3 * v:8.1f} ms")
+        return
     tmp = Path(tempfile.mkdtemp(prefix="lora_jax_peers_prof_"))
     case = peers.make_case(args.model, tmp)
     b = peers.jax_batch(case)
