@@ -146,17 +146,27 @@ def torch_side(spec_path: str) -> None:
 # JAX side (this venv)
 
 
+class PeersUnavailable(RuntimeError):
+    """The peers' venv is missing, or lacks torch/transformers/gguf and gguf cannot be installed."""
+
+
 def peers_python_with_gguf() -> Path:
-    """The peers venv's python, with ``gguf`` installed there (pip-installed here if missing)."""
+    """The peers venv's python, with ``gguf`` installed there (pip-installed here if missing:
+    bench/peers.py's set-up does not install it)."""
     from bench.peers import peers_python
 
     py = peers_python(check=False)
     if py is None:
-        raise RuntimeError("no peers venv: run `python -m bench.peers --setup-only` first")
-    ok = subprocess.run([str(py), "-c", "import torch, transformers, gguf"], capture_output=True)
-    if ok.returncode != 0:
-        subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "gguf>=0.19"],
-                       check=True, capture_output=True)
+        raise PeersUnavailable("no peers venv: run `python -m bench.peers --setup-only` first")
+    if subprocess.run([str(py), "-c", "import torch, transformers"], capture_output=True).returncode:
+        raise PeersUnavailable(f"{py} does not import torch and transformers: rerun "
+                               "`python -m bench.peers --setup-only`")
+    if subprocess.run([str(py), "-c", "import gguf"], capture_output=True).returncode:
+        r = subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "gguf>=0.19"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise PeersUnavailable(f"could not pip-install gguf>=0.19 into the peers venv: "
+                                   f"{(r.stderr or r.stdout).strip()[-500:]}")
     return py
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -456,14 +454,12 @@ def test_chat_ids_through_the_tokenizer(tiny):
 @pytest.mark.slow
 def test_smollm2_matches_transformers(tmp_path):
     from bench import llama_crosscheck
-    from bench.peers import peers_python
     from train.assets import AssetError
 
-    py = peers_python(check=False)
-    if py is None or subprocess.run([str(py), "-c", "import torch, transformers"], capture_output=True).returncode:
-        pytest.skip("no peers venv with torch + transformers (python -m bench.peers --setup-only)")
     try:
         res = llama_crosscheck.run(tmp_path, verbose=False)
+    except llama_crosscheck.PeersUnavailable as e:
+        pytest.skip(str(e))
     except AssetError as e:
         pytest.skip(f"SmolLM2 GGUF not available offline: {e}")
     print(llama_crosscheck.report(res))
