@@ -25,7 +25,7 @@ idle worker threads stop spinning), medians of ``--rounds`` blocks of ``--steps`
   forward (no grad): base model, unmerged adapters, merged adapters — on both sides.
 
 Prints a table and the ratios the issue sets goals for, writes ``--json`` (default
-bench/results/peers.json). XLA's FLOP counts of the JAX steps are recorded as the first profile.
+bench/results/peers-<model>.json). XLA's FLOP counts of the JAX steps are recorded as the first profile.
 """
 
 from __future__ import annotations

@@ -232,3 +232,19 @@ def test_minilm_classify_export_loads_in_peft(tmp_path):
     from train import assets
 
     print(_classify_export_check(assets.minilm_dir(), tmp_path / "run"))
+
+
+def test_hf_state_dict_refuses_lora_nodes_and_inverts_the_loader(tmp_path):
+    from safetensors.numpy import save_file
+
+    _, params, adapted = tiny_tree()
+    with pytest.raises(peft_format.PeftFormatError, match="merge"):
+        peft_format.hf_state_dict(adapted, TINY)
+    sd = peft_format.hf_state_dict(params, TINY)
+    assert sd["bert.encoder.layer.0.intermediate.dense.weight"].shape == (64, 32)  # (out, in)
+    assert sd["classifier.weight"].shape == (3, 32)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(peft_format.hf_config_dict(TINY)))
+    _, back = bert.load_hf_safetensors(tmp_path, with_pooler=True)  # the "bert." prefix is stripped
+    for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(params["encoder"]), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))

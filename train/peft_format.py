@@ -112,8 +112,10 @@ def hf_state_dict(params, config: BertConfig) -> dict[str, np.ndarray]:
         x = _get(p["encoder"], path)
         if x is None:
             raise PeftFormatError(f"encoder/{'/'.join(path)} missing from the tree")
-        if not isinstance(x, (np.ndarray,)) and not hasattr(x, "shape"):
-            raise PeftFormatError(f"encoder/{'/'.join(path)} is not an array (merge LoRA nodes first)")
+        from lora_jax import is_lora
+
+        if is_lora(x) or not hasattr(x, "shape"):
+            raise PeftFormatError(f"encoder/{'/'.join(path)} is not an array (lora_jax.merge the tree first)")
         x = _np(x)
         out[f"{ENCODER_MODULE}.{key}"] = np.ascontiguousarray(x.T if transpose else x)
     if HEAD in p:
