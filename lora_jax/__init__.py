@@ -6,6 +6,7 @@ from lora_jax.layout import layout_of
 from lora_jax.lora_pro import LoraProAdamWState, lora_pro, lora_pro_adamw
 from lora_jax.loraplus import loraplus, scale_b
 from lora_jax.node import LoRA, is_lora
+from lora_jax.quant import Quantized, is_quantized, quantize
 from lora_jax.riemannian import riemannian
 from lora_jax.tree import combine, merge, split
 
@@ -14,15 +15,18 @@ __all__ = [
     "LoRAMaterializationError",
     "LoRAMaterializationWarning",
     "LoraProAdamWState",
+    "Quantized",
     "apply",
     "combine",
     "default_roles",
     "is_lora",
+    "is_quantized",
     "layout_of",
     "lora_pro",
     "lora_pro_adamw",
     "loraplus",
     "merge",
+    "quantize",
     "riemannian",
     "scale_b",
     "split",

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import quax
 from jax import lax
 from jax._src.ad_checkpoint import remat_p
-from jax.custom_derivatives import SymbolicZero
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jaxtyping import ArrayLike
 
 from lora_jax.node import LoRA, merge_node
+from lora_jax.quant import Quantized, dense
 
 
 class LoRAMaterializationWarning(UserWarning):
@@ -39,10 +40,14 @@ _STRICT = contextvars.ContextVar("lora_jax_strict", default=False)
 _DROPOUT = contextvars.ContextVar("lora_jax_dropout", default=None)  # [key, counter] or None
 
 
-def on_materialise(node: LoRA, primitive: str | None, why: str = "which has no factored rule") -> None:
+def on_materialise(node, primitive: str | None, why: str = "which has no factored rule") -> None:
     what = f"primitive {primitive!r}" if primitive else "an operation"
-    msg = (f"LoRA weight of shape {tuple(node.w.shape)} (roles {node.roles!r}) is materialised for "
-           f"{what}, {why}: this forms the full weight and its gradient.")
+    if isinstance(node, Quantized):
+        msg = (f"quantized weight ({node.format}) of shape {tuple(node.shape)} is dequantized for "
+               f"{what}, {why}: this forms the full float weight.")
+    else:
+        msg = (f"LoRA weight of shape {tuple(node.w.shape)} (roles {node.roles!r}) is materialised "
+               f"for {what}, {why}: this forms the full weight and its gradient.")
     if _STRICT.get():
         raise LoRAMaterializationError(msg + " (strict=True)")
     warnings.warn(msg, LoRAMaterializationWarning, stacklevel=2)
@@ -51,6 +56,8 @@ def on_materialise(node: LoRA, primitive: str | None, why: str = "which has no f
 def _materialise(x):
     if isinstance(x, LoRA):
         return merge_node(x)
+    if isinstance(x, Quantized):
+        return x.dequantize()
     return x
 
 
@@ -113,12 +120,13 @@ def _is_node(x) -> bool:
 
 def _default(primitive, values, params, why: str = "which has no factored rule"):
     for v in values:
-        if isinstance(v, LoRA):
+        if isinstance(v, (LoRA, Quantized)):
             on_materialise(v, str(primitive), why)
     return primitive.bind(*[_materialise(v) for v in values], **params)
 
 
 LoRA.default = staticmethod(_default)
+Quantized.default = staticmethod(_default)
 
 
 def _dropout(x, node: LoRA):
@@ -175,7 +183,8 @@ def _factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_
     first_spec, first_arr = (a_spec, node.a) if first == "a" else (b_spec, node.b)
     second_spec, second_arr = (b_spec, node.b) if first == "a" else (a_spec, node.a)
 
-    def base(x, w):
+    def base(x, w):  # a quantized `w` is dequantized here, where the product runs
+        w = dense(w)
         return lax.dot_general_p.bind(*((x, w) if lora_is_rhs else (w, x)), **params)
 
     j = "".join
@@ -212,7 +221,8 @@ def _factored_product(base, s: _Specs, scale, precision):
 
     * forward: ``delta`` is a multiply-reduce over the rank axis, which XLA fuses with the add
       (and its consumers): only ``base`` and the rank-sized ``t`` are live, as in a frozen step;
-    * residuals: ``x``, ``w``, the factors and ``t`` (no activation-sized value of our own);
+    * residuals: ``x``, ``w``, the factors and ``t`` (no activation-sized value of our own); a
+      quantized `w` is a residual as its blocks, and `base` dequantizes it where it runs;
     * backward: ``u = g·secondᵀ`` (rank-sized), ``d_second = tᵀg``, ``d_first = xdᵀ(s·u)`` as
       direct einsums, and ``dx = g·wᵀ + (s·u)·firstᵀ`` with again a fused multiply-reduce.
 
@@ -251,11 +261,11 @@ def _factored_product(base, s: _Specs, scale, precision):
         return (combine(base(x, w), t, second),)
 
     def fwd(x, xd, w, first, second):
-        vals = [None if v is None else v.value for v in (x, xd, w, first, second)]
+        vals = [_primal_value(v) for v in (x, xd, w, first, second)]
         x_, xd_, w_, first_, second_ = vals
         t = adapter_t(x_ if xd_ is None else xd_, first_)
         out = combine(base(x_, w_), t, second_)
-        wanted = tuple(v is not None and v.perturbed for v in (x, xd, w, first, second))
+        wanted = tuple(_perturbed(v) for v in (x, xd, w, first, second))
         return (out,), (_Static(wanted), x_, xd_, w_, first_, second_, t)
 
     def bwd(res, cts):
@@ -275,6 +285,12 @@ def _factored_product(base, s: _Specs, scale, precision):
         d_first = (einsum(f"{s.t},{s.x}->{s.first}", su, x if xd_is_x else xd, like=first)
                    .astype(first.dtype) if want_first else None)
         dx = dxd = None
+        quantized = isinstance(w, Quantized)
+        if want_x and quantized:
+            # dequantize again, after the cotangent exists: not CSE'd with (nor hoisted to) the
+            # forward's dequantization, so no float copy of `w` lives across the step
+            w, g = lax.optimization_barrier((w, g))
+            w = w.dequantize()
         if want_x:  # `x`-side operand first: XLA:CPU then uses `w` in place, not a transposed copy
             dx = _matmul(g, s.out, w, s.w, s.x, precision, jax.typeof(x).sharding)
             dx = einsum(f"{s.out},{s.w}->{s.x}", g, w, like=x) if dx is None else dx
@@ -285,7 +301,8 @@ def _factored_product(base, s: _Specs, scale, precision):
             else:
                 dxd = ddelta.astype(xd.dtype)
         dx = None if dx is None else dx.astype(x.dtype)
-        dw = einsum(f"{s.x},{s.out}->{s.w}", x, g, like=w).astype(w.dtype) if want_w else None
+        dw = (einsum(f"{s.x},{s.out}->{s.w}", x, g, like=w).astype(w.dtype)
+              if want_w and not quantized else None)  # quantized blocks get no gradient
         return dx, dxd, dw, d_first, d_second
 
     product.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -309,6 +326,16 @@ def _matmul(l, l_spec, r, r_spec, out_spec, precision, sharding):
     out = lax.dot_general(l2.astype(dtype), r2.astype(dtype), (((1,), (contract,)), ((), ())),
                           precision=precision)
     return out.reshape([l.shape[l_spec.index(c)] for c in m] + [r.shape[r_spec.index(c)] for c in n])
+
+
+def _primal_value(v):
+    """The value of a custom_vjp primal (a pytree of `CustomVJPPrimal`s: `w` may be `Quantized`)."""
+    return jax.tree_util.tree_map(lambda p: p.value, v, is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
+
+
+def _perturbed(v) -> bool:
+    leaves = jax.tree_util.tree_leaves(v, is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
+    return any(p.perturbed for p in leaves)
 
 
 @jax.tree_util.register_static
@@ -383,7 +410,7 @@ def _(lhs: ArrayLike, rhs: LoRA, **params):
     if (rhs.num_batch_axes or rhs.roles != expected or params["feature_group_count"] != 1
             or params["batch_group_count"] != 1):
         return _default(lax.conv_general_dilated_p, (lhs, rhs), params)
-    base = lax.conv_general_dilated_p.bind(lhs, rhs.w, **params)
+    base = lax.conv_general_dilated_p.bind(lhs, dense(rhs.w), **params)  # (quantized: dequantized)
     dtype = jnp.promote_types(lhs.dtype, rhs.a.dtype)
     a_kernel = jnp.moveaxis(rhs.a, -1, out_dim).astype(dtype)  # a conv to r channels
     t = lax.conv_general_dilated_p.bind(_dropout(lhs, rhs).astype(dtype), a_kernel,
@@ -398,17 +425,37 @@ def _(lhs: ArrayLike, rhs: LoRA, **params):
 # ----------------------------------------------------------------------------- gather
 
 
+def _is_row_lookup(shape, params) -> bool:
+    """The gather takes whole rows of a 2-D table (``table[ids]``, ``jnp.take(table, ids, 0)``)."""
+    dn = params["dimension_numbers"]
+    return (len(shape) == 2 and tuple(dn.collapsed_slice_dims) == (0,)
+            and tuple(dn.start_index_map) == (0,) and not dn.operand_batching_dims
+            and tuple(params["slice_sizes"]) == (1, shape[1]) and len(dn.offset_dims) == 1)
+
+
+def _gather_rows(w, indices, params):
+    """A row lookup (`_is_row_lookup`) from a plain or a quantized table; a quantized one (blocked
+    along its rows) dequantizes the gathered rows only."""
+    if not isinstance(w, Quantized):
+        return lax.gather_p.bind(w, indices, **params)
+    if w.transposed:  # blocks run along the table's columns: dequantize it (a temporary)
+        return lax.gather_p.bind(w.dequantize(), indices, **params)
+    mode = {lax.GatherScatterMode.CLIP: "clip", lax.GatherScatterMode.FILL_OR_DROP: "fill"}.get(
+        lax.GatherScatterMode.from_any(params["mode"]), "clip")  # in bounds: any
+    take = lambda v: None if v is None else jnp.take(v, indices[..., 0], axis=0, mode=mode)
+    rows = Quantized(codes=take(w.codes), scale=take(w.scale), offset=take(w.offset), format=w.format,
+                     out_dtype=w.out_dtype, pad=w.pad).dequantize()
+    return jnp.moveaxis(rows, -1, params["dimension_numbers"].offset_dims[0])
+
+
 @quax.register(lax.gather_p)
 def _(operand: LoRA, indices: ArrayLike, **params):
     """Embedding lookup ``table[ids]`` with table roles "io": ``w[ids] + scale·a[ids]@b``."""
     dn = params["dimension_numbers"]
-    sizes = params["slice_sizes"]
     w = operand.w
-    if not (operand.num_batch_axes == 0 and operand.roles == "io" and tuple(dn.collapsed_slice_dims) == (0,)
-            and tuple(dn.start_index_map) == (0,) and not dn.operand_batching_dims
-            and tuple(sizes) == (1, w.shape[1]) and len(dn.offset_dims) == 1):
+    if not (operand.num_batch_axes == 0 and operand.roles == "io" and _is_row_lookup(w.shape, params)):
         return _default(lax.gather_p, (operand, indices), params)
-    base = lax.gather_p.bind(w, indices, **params)
+    base = _gather_rows(w, indices, params)
     t = lax.gather_p.bind(operand.a, indices, **{**params, "slice_sizes": (1, operand.rank)})
     axis = dn.offset_dims[0]
     t = jnp.moveaxis(t, axis, -1) * jnp.asarray(operand.scale, t.dtype)
@@ -422,8 +469,9 @@ def _(operand: LoRA, indices: ArrayLike, **params):
 @quax.register(lax.convert_element_type_p)
 def _(x: LoRA, **params):
     """A dtype cast of the weight (Flax's `promote_dtype`) keeps the node factored."""
-    return LoRA(w=lax.convert_element_type_p.bind(x.w, **params), a=x.a, b=x.b,
-                scale=x.scale, roles=x.roles, dropout=x.dropout)
+    w = (x.w.astype(params["new_dtype"]) if isinstance(x.w, Quantized)
+         else lax.convert_element_type_p.bind(x.w, **params))
+    return LoRA(w=w, a=x.a, b=x.b, scale=x.scale, roles=x.roles, dropout=x.dropout)
 
 
 @quax.register(lax.transpose_p)
@@ -440,7 +488,7 @@ def _(x: LoRA, *, permutation):
     new_outs = [p for p in tail if x.roles[p] == "o"]
     a_perm = list(range(nb)) + [nb + old_ins.index(p) for p in new_ins] + [x.a.ndim - 1]
     b_perm = list(range(nb + 1)) + [nb + 1 + old_outs.index(p) for p in new_outs]
-    return LoRA(w=jnp.transpose(x.w, perm), a=jnp.transpose(x.a, a_perm),
+    return LoRA(w=_transpose_w(x.w, perm), a=jnp.transpose(x.a, a_perm),
                 b=jnp.transpose(x.b, b_perm), scale=x.scale, roles=roles, dropout=x.dropout)
 
 
@@ -459,3 +507,82 @@ def _(*args: ArrayLike | quax.ArrayValue, jaxpr, prevent_cse, differentiated, po
         return quax.quaxify(body)(*jax.tree_util.tree_unflatten(treedef, flat))
 
     return jax.checkpoint(flat_body, prevent_cse=prevent_cse, policy=policy)(*leaves)
+
+
+def _transpose_w(w, perm):
+    """`jnp.transpose` of a LoRA's `w`; a quantized one flips its layout flag when `perm` swaps the
+    last two axes, and is dequantized (with a warning) for any other permutation."""
+    if not isinstance(w, Quantized):
+        return jnp.transpose(w, perm)
+    n = len(perm)
+    if tuple(perm) == tuple(range(n)):
+        return w
+    if n >= 2 and tuple(perm) == (*range(n - 2), n - 1, n - 2):
+        return w.swap_last_axes()
+    on_materialise(w, "transpose", f"which permutes its axes {tuple(perm)} (only a swap of the last "
+                   "two is a layout flag)")
+    return jnp.transpose(w.dequantize(), perm)
+
+
+# ----------------------------------------------------------------------------- quantized weights
+# A `Quantized` outside any LoRA node (a frozen embedding, say): products dequantize where they run
+# and again in the backward pass; row lookups dequantize the rows; `.T` and dtype casts are flags.
+
+
+def _quantized_dot(lhs, rhs, params):
+    q_is_rhs = isinstance(rhs, Quantized)
+    x, q = (lhs, rhs) if q_is_rhs else (rhs, lhs)
+    x_aval = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+    def run(x, w):
+        return lax.dot_general_p.bind(*((x, w) if q_is_rhs else (w, x)), **params)
+
+    @jax.custom_vjp
+    def product(x, q):
+        return run(x, q.dequantize())
+
+    def fwd(x, q):
+        return run(x, q.dequantize()), q  # residual: the blocks, not a float weight
+
+    def bwd(q, g):
+        q, g = lax.optimization_barrier((q, g))  # recompute after g exists (no CSE with fwd)
+        w = q.dequantize()
+        dx, = jax.linear_transpose(lambda x_: run(x_, w), x_aval)(g)
+        return dx, None
+
+    product.defvjp(fwd, bwd)
+    return product(x, q)
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: ArrayLike, rhs: Quantized, **params):
+    return _quantized_dot(lhs, rhs, params)
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: Quantized, rhs: ArrayLike, **params):
+    return _quantized_dot(lhs, rhs, params)
+
+
+@quax.register(lax.gather_p)
+def _(operand: Quantized, indices: ArrayLike, **params):
+    if not _is_row_lookup(operand.shape, params):
+        return _default(lax.gather_p, (operand, indices), params)
+    return _gather_rows(operand, indices, params)
+
+
+@quax.register(lax.convert_element_type_p)
+def _(x: Quantized, **params):
+    if not jnp.issubdtype(params["new_dtype"], jnp.floating):
+        return _default(lax.convert_element_type_p, (x,), params)
+    return x.astype(params["new_dtype"])
+
+
+@quax.register(lax.transpose_p)
+def _(x: Quantized, *, permutation):
+    n, perm = x.ndim, tuple(permutation)
+    if perm == tuple(range(n)):
+        return x
+    if n >= 2 and perm == (*range(n - 2), n - 1, n - 2):
+        return x.swap_last_axes()
+    return _default(lax.transpose_p, (x,), {"permutation": permutation})

@@ -12,6 +12,8 @@ import numpy as np
 
 from lora_jax.node import LoRA, factor_shapes, fan_in_out, is_lora
 from lora_jax.paths import Selector, compile_selector, flatten_with_paths, lookup_pattern
+from lora_jax.quant import is_quantized
+from lora_jax.quant import quantize as _quantize
 
 INITS = ("lora", "gaussian", "pissa", "olora")
 
@@ -108,6 +110,7 @@ def apply(
     init: str = "lora",
     dropout: float = 0.0,
     adapter_dtype=jnp.float32,
+    quantize: str | None = None,
     key: jax.Array | None = None,
 ):
     """Return `params` with each targeted kernel replaced by a `LoRA` node.
@@ -138,6 +141,10 @@ def apply(
       dropout: LoRA dropout rate on the adapter's input (applied when `wrap`'s function is called
         with ``lora_dropout_key=``).
       adapter_dtype: dtype of `a` and `b` (float32 by default, also for bf16 weights).
+      quantize: None, or "nf4" (QLoRA), "q4_1" or "q8_0": each adapted `w` is stored quantized
+        (`lora_jax.quantize`, after the init, so PiSSA/OLoRA quantize their residual) and
+        dequantized inside the factored product. Kernels that are already `lora_jax.Quantized`
+        (e.g. from a GGUF file) are adapted as they are (init "lora" or "gaussian").
       key: PRNG key for the random inits; defaults to ``jax.random.key(0)``.
 
     Every init starts the adapted model at the base model: exactly for "lora"/"gaussian", to
@@ -152,7 +159,7 @@ def apply(
     drop = compile_selector(exclude, "exclude")
     key = jax.random.key(0) if key is None else key
 
-    leaves, treedef = flatten_with_paths(params, is_leaf=is_lora)
+    leaves, treedef = flatten_with_paths(params, is_leaf=lambda x: is_lora(x) or is_quantized(x))
     already = [p for p, leaf in leaves if is_lora(leaf)]
     if already:
         raise ValueError(f"params already hold LoRA nodes (e.g. {already[:3]}); merge them first")
@@ -184,8 +191,15 @@ def apply(
             capped.append(f"{path} {tuple(w.shape)} -> r={r}")
         a_alpha = lookup_pattern(alpha_pattern, path, r if alpha is None else alpha)
         scale = float(a_alpha) / (math.sqrt(r) if rslora else r)
-        out[i] = _init_node(w, roles, int(r), scale, init, dropout, adapter_dtype,
-                            jax.random.fold_in(key, i))
+        if is_quantized(w) and init not in ("lora", "gaussian"):
+            raise ValueError(f"init {init!r} needs a float kernel, but {path!r} is quantized: "
+                             "quantize after it (apply(..., quantize=...)) or use init 'lora'")
+        node = _init_node(w, roles, int(r), scale, init, dropout, adapter_dtype,
+                          jax.random.fold_in(key, i))
+        if quantize is not None and not is_quantized(node.w):
+            node = LoRA(w=_quantize(node.w, quantize), a=node.a, b=node.b, scale=node.scale,
+                        roles=node.roles, dropout=node.dropout)
+        out[i] = node
     if capped:
         warnings.warn(f"rank {rank} exceeds min(in, out) of {len(capped)} kernel(s), which get "
                       f"a full-rank adapter of rank min(in, out) instead (scale = alpha/r with that "

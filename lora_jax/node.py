@@ -69,9 +69,12 @@ class LoRA(quax.ArrayValue):
 
 
 def merge_node(node: LoRA):
-    """``w + scale·a@b`` computed in float32 (or wider) and cast back to `w`'s dtype."""
+    """``w + scale·a@b`` computed in float32 (or wider) and cast back to `w`'s dtype. A quantized
+    `w` (`lora_jax.quant.Quantized`) is dequantized: the result is a float array of its dtype."""
+    from lora_jax.quant import dense
+
     compute = jnp.promote_types(jnp.float32, node.w.dtype)
-    return (node.w.astype(compute) + node.delta(compute)).astype(node.w.dtype)
+    return (dense(node.w, compute) + node.delta(compute)).astype(node.w.dtype)
 
 
 def axis_letters(roles: str, num_batch: int):

@@ -6,10 +6,11 @@ import jax
 
 from lora_jax.node import LoRA, factor_shapes, is_lora, merge_node
 from lora_jax.paths import Selector, compile_selector, flatten_with_paths
+from lora_jax.quant import is_quantized
 
 
-def _is_leaf(x) -> bool:
-    return x is None or is_lora(x)
+def _is_leaf(x) -> bool:  # a quantized weight stays whole (in the frozen half)
+    return x is None or is_lora(x) or is_quantized(x)
 
 
 def split(tree, trainable: Selector = None):
@@ -64,7 +65,10 @@ def combine(trainable, frozen):
 
 
 def merge(tree):
-    """Plain params: every LoRA node becomes ``w + scale·a@b`` (float32 maths, `w`'s dtype)."""
+    """Plain params: every LoRA node becomes ``w + scale·a@b`` (float32 maths, `w`'s dtype).
+
+    A node with a quantized `w` (`lora_jax.quantize`, QLoRA) merges into a float array of `w`'s
+    dequantized dtype; quantized weights outside LoRA nodes stay quantized."""
     leaves, treedef = flatten_with_paths(tree, is_leaf=is_lora)
     out = []
     for path, leaf in leaves:
