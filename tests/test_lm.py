@@ -174,6 +174,7 @@ def test_lm_trains(tiny_gguf, tmp_path, method):
     assert len(samples) == 4 and all({"reply", "parsed", "correct", "base_reply"} <= set(x) for x in samples)
     if method != "full":
         assert s["trainable_params"] < 0.25 * s["total_params"]
+    if method in ("lora", "lora-pro"):  # lora-pro-adamw keeps full-shape Adam moments per adapted weight
         assert s["checkpoint_bytes"] < s["full_model_param_bytes"]
 
 
