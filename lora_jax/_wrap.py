@@ -184,7 +184,7 @@ def _factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_
     second_spec, second_arr = (b_spec, node.b) if first == "a" else (a_spec, node.a)
 
     def base(x, w):  # a quantized `w` is dequantized here, where the product runs
-        w = dense(w)
+        w = _dequantize_at(w, x)
         return lax.dot_general_p.bind(*((x, w) if lora_is_rhs else (w, x)), **params)
 
     j = "".join
@@ -287,10 +287,9 @@ def _factored_product(base, s: _Specs, scale, precision):
         dx = dxd = None
         quantized = isinstance(w, Quantized)
         if want_x and quantized:
-            # dequantize again, after the cotangent exists: not CSE'd with (nor hoisted to) the
-            # forward's dequantization, so no float copy of `w` lives across the step
-            w, g = lax.optimization_barrier((w, g))
-            w = w.dequantize()
+            # dequantize again, once the cotangent exists: not merged with the forward's
+            # dequantization, so no float copy of `w` lives across the step
+            w = _dequantize_at(w, g)
         if want_x:  # `x`-side operand first: XLA:CPU then uses `w` in place, not a transposed copy
             dx = _matmul(g, s.out, w, s.w, s.x, precision, jax.typeof(x).sharding)
             dx = einsum(f"{s.out},{s.w}->{s.x}", g, w, like=x) if dx is None else dx
@@ -326,6 +325,31 @@ def _matmul(l, l_spec, r, r_spec, out_spec, precision, sharding):
     out = lax.dot_general(l2.astype(dtype), r2.astype(dtype), (((1,), (contract,)), ((), ())),
                           precision=precision)
     return out.reshape([l.shape[l_spec.index(c)] for c in m] + [r.shape[r_spec.index(c)] for c in n])
+
+
+def _dequantize_at(w, v):
+    """`w` as a float array; a quantized one dequantized where `v` (the layer's input, or the
+    cotangent in the backward pass) exists. The codes are xor-ed with a zero that XLA cannot
+    prove zero (``(v₀ ≠ v₀) ∧ (v₀ = v₀)``, false for every float, NaN included), so XLA neither
+    hoists the dequantization ahead of the layer, keeping every layer's float weight live at once,
+    nor merges the backward's dequantization with the forward's, which would keep the float weight
+    alive across the step. (`lax.optimization_barrier` does neither on XLA:CPU, which removes
+    barriers before CSE.)"""
+    if not isinstance(w, Quantized):
+        return w
+    v0 = jnp.ravel(v)[0]
+    never = (v0 != v0) & (v0 == v0)
+
+    def tie(a):  # every leaf (scales too: their broadcasts would be hoisted and shared otherwise)
+        if a is None:
+            return None
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            return a ^ never.astype(a.dtype)
+        bits = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+        return lax.bitcast_convert_type(lax.bitcast_convert_type(a, bits) ^ never.astype(bits), a.dtype)
+
+    return Quantized(codes=tie(w.codes), scale=tie(w.scale), offset=tie(w.offset), format=w.format,
+                     out_dtype=w.out_dtype, transposed=w.transposed, pad=w.pad).dequantize()
 
 
 def _primal_value(v):
@@ -542,11 +566,10 @@ def _quantized_dot(lhs, rhs, params):
         return run(x, q.dequantize())
 
     def fwd(x, q):
-        return run(x, q.dequantize()), q  # residual: the blocks, not a float weight
+        return run(x, _dequantize_at(q, x)), q  # residual: the blocks, not a float weight
 
     def bwd(q, g):
-        q, g = lax.optimization_barrier((q, g))  # recompute after g exists (no CSE with fwd)
-        w = q.dequantize()
+        w = _dequantize_at(q, g)  # recomputed once g exists (not merged with the forward's)
         dx, = jax.linear_transpose(lambda x_: run(x_, w), x_aval)(g)
         return dx, None
 

@@ -139,7 +139,9 @@ def _block_values(q: Quantized):
         return c * q.scale.astype(f32)[..., None] + q.offset.astype(f32)[..., None]
     if q.format == "nf4":
         idx = jnp.stack([q.codes >> 4, q.codes & 0x0F], axis=-1).reshape(*q.codes.shape[:-1], -1)
-        return jnp.asarray(NF4_CODEBOOK)[idx.astype(jnp.int32)] * q.scale.astype(f32)[..., None]
+        # a 16-way select, not a gather: elementwise, so XLA fuses it with the scaling (and users)
+        codebook = [jnp.full(idx.shape, c, f32) for c in NF4_CODEBOOK]
+        return jax.lax.select_n(idx.astype(jnp.int32), *codebook) * q.scale.astype(f32)[..., None]
     raise ValueError(f"unknown format {q.format!r}")
 
 

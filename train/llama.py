@@ -330,9 +330,11 @@ def init_params(config: LlamaConfig, key, dtype=jnp.float32) -> dict:
 
 
 def _has_lora(params) -> bool:
+    """Params that need `lora_jax.wrap`: LoRA nodes or quantized weights."""
     import lora_jax
 
-    return any(lora_jax.is_lora(x) for x in jax.tree_util.tree_leaves(params, is_leaf=lora_jax.is_lora))
+    special = lambda x: lora_jax.is_lora(x) or lora_jax.is_quantized(x)
+    return any(special(x) for x in jax.tree_util.tree_leaves(params, is_leaf=special))
 
 
 def sample_token(logits, key, temperature: float, top_p: float):
@@ -476,8 +478,15 @@ def gguf_key_map(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], bool]]
     return m
 
 
-def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
+def load_gguf(path: str | Path, *, dtype=jnp.float32, keep_quantized: bool = False
+              ) -> tuple[LlamaConfig, dict]:
     """``(config, params)`` from a llama.cpp GGUF file of architecture ``llama``.
+
+    With ``keep_quantized=True`` (QLoRA), Q4_1 and Q8_0 tensors stay in their blocks as
+    `lora_jax.Quantized` leaves (dequantizing to `dtype` where they are used; other types are
+    dequantized as below): ``attn_q``/``attn_k`` rows are unpermuted as raw quantized rows, and a
+    Linear weight's transpose to (in, out) is the `Quantized` layout flag, not a copy. Such params
+    need `lora_jax.wrap` (which `generate` applies); `lora_jax.apply` adapts the quantized kernels.
 
     Every tensor is dequantized to float32 with `gguf.quants.dequantize` (F32/F16/BF16, Q8_0,
     Q4_0/1, K-quants, … whatever the ``gguf`` package reads), ``attn_q``/``attn_k`` rows are put
@@ -504,6 +513,9 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict
         raise NotImplementedError(f"{path}: rope_freqs (Llama-3.1 RoPE scaling) is not implemented")
     state = {}
     for name, (tree_path, linear) in keymap.items():
+        if keep_quantized and tensors[name].tensor_type.name in ("Q4_1", "Q8_0"):
+            state[tree_path] = _quantized_gguf_tensor(tensors[name], name, config, linear, dtype)
+            continue
         w = dequantize_gguf_tensor(tensors[name])
         if name.endswith("attn_q.weight"):
             w = unpermute_qk_rows(w, config.num_attention_heads)
@@ -511,6 +523,19 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict
             w = unpermute_qk_rows(w, config.num_key_value_heads)
         state[tree_path] = w.T if linear else w
     return config, _to_tree(state, config, dtype, source=str(path))
+
+
+def _quantized_gguf_tensor(tensor, name: str, config: LlamaConfig, linear: bool, dtype):
+    """A Q4_1/Q8_0 GGUF tensor as `lora_jax.Quantized`: raw rows (uint8, whole blocks per row),
+    Q/K rows unpermuted as they are, (out, in) → (in, out) as the layout flag."""
+    from lora_jax.quant import from_gguf_blocks
+
+    raw = np.asarray(tensor.data)  # (rows, bytes per row)
+    if name.endswith("attn_q.weight"):
+        raw = unpermute_qk_rows(raw, config.num_attention_heads)
+    elif name.endswith("attn_k.weight"):
+        raw = unpermute_qk_rows(raw, config.num_key_value_heads)
+    return from_gguf_blocks(raw, tensor.tensor_type.name, transposed=linear, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,7 +609,7 @@ def _to_tree(state: dict[tuple[str, ...], np.ndarray], config: LlamaConfig, dtyp
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = jnp.asarray(x, dtype)
+        node[path[-1]] = x.astype(dtype) if hasattr(x, "dequantize") else jnp.asarray(x, dtype)
     if bad:
         raise ValueError(f"{source}: shapes do not fit the config:\n  " + "\n  ".join(bad[:20]))
     return params
