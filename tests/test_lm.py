@@ -248,6 +248,17 @@ def test_bad_numeric_flags_are_refused_before_anything_loads(flag, value, rule, 
         lm.main([flag, value, "--out", "/nonexistent"])
 
 
+def test_cli_bad_input_exits_2_with_a_message(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "train.lm", "--model", str(tmp_path / "none.gguf"),
+                           "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: unknown model") and "Traceback" not in proc.stderr
+
+
 def test_unknown_method_lists_choices(capsys):
     from train.lm import main
 
