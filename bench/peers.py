@@ -4,6 +4,7 @@
     python -m bench.peers --model bert-base    # BERT-base shape (12 × 768), random weights
     python -m bench.peers --setup-only         # just create the peers' virtual environment
     python -m bench.peers --all                # every table of bench/RESULTS.md's "PEFT side by side"
+    python -m bench.peers --all --rounds 1     # the same end to end, benchmarks and profiles cut to 1 round
 
 The peers live in their own virtual environment (``.venv-peers`` at the repository root, or
 ``$LORA_JAX_PEERS_VENV``), created here when missing: ``pip install torch==2.13.0`` first (the CPU
@@ -233,6 +234,123 @@ def jax_batch(case: Case):
     return {k: jnp.asarray(v) for k, v in case.batch.items()}
 
 
+def jax_loss(case: Case, *, full: bool = False):
+    """``(loss_fn, trainable, frozen)``: mean cross-entropy ``loss_fn(trainable, frozen, batch)``.
+    Full FT trains every parameter (frozen None); otherwise the LoRA factors and the head."""
+    import optax
+
+    import lora_jax
+
+    model = case.model
+
+    def ce(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    if full:
+        def loss_fn(tr, fr, b):
+            return ce(model.apply({"params": tr}, b["input_ids"], b["attention_mask"], b["token_type_ids"]),
+                      b["labels"])
+        return loss_fn, case.params, None
+    trainable, frozen = lora_jax.split(case.adapted, trainable=r"^head/")
+    fwd = lora_jax.wrap(model.apply)
+
+    def loss_fn(tr, fr, b):
+        p = lora_jax.combine(tr, fr)
+        return ce(fwd({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]), b["labels"])
+    return loss_fn, trainable, frozen
+
+
+def jax_lora_grads(case: Case) -> dict[str, np.ndarray]:
+    """The raw gradients (before any optimizer) of the LoRA factors and the head, as PEFT tensors
+    (PEFT's names and orientation: the gradient of ``lora_A.weight`` is that of ``a``, transposed)."""
+    import jax
+
+    import lora_jax
+    from train import peft_format
+
+    loss_fn, tr, fr = jax_loss(case)
+    g = jax.jit(jax.grad(loss_fn))(tr, fr, jax_batch(case))
+    return peft_format.adapter_tensors(lora_jax.combine(g, fr), case.config)[0]
+
+
+def _attention64(q, k, v, mask, *, implementation=None):
+    """`train.bert.attention`'s maths (softmax over the unmasked keys) in the inputs' dtype:
+    `jax.nn.dot_product_attention` takes its softmax in float32 whatever the inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+class Float64Classifier:
+    """``Classifier(pooling="pooler")`` with dropout off, computed wholly in float64 (needs
+    ``jax_enable_x64``), for the float64 cross-checks only. Two pieces of `train.bert` compute in
+    float32 whatever the dtypes: `Classifier`'s head (pinned to float32) and `bert.attention`
+    (`jax.nn.dot_product_attention`'s softmax). So this applies the same parameters through the
+    float64 `BertEncoder` (pooler included) with `bert.attention` swapped for `_attention64` while
+    tracing, then the head's ``pooled @ kernel + bias`` in float64."""
+
+    def __init__(self, config):
+        import jax.numpy as jnp
+
+        from train import bert
+
+        self.encoder = bert.BertEncoder(config, jnp.float64, jnp.float64, with_pooler=True)
+
+    def apply(self, variables, input_ids, attention_mask=None, token_type_ids=None):
+        from train import bert
+
+        p = variables["params"]
+        saved, bert.attention = bert.attention, _attention64
+        try:
+            _, pooled = self.encoder.apply({"params": p["encoder"]}, input_ids, attention_mask, token_type_ids)
+        finally:
+            bert.attention = saved
+        return pooled @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def as_float64(case: Case) -> Case:
+    """The same case in float64 (weights, adapters and head cast exactly from their float32
+    values; the files handed to the worker are unchanged, the worker casts with ``dtype``).
+    Call with ``jax_enable_x64`` on (see `x64`)."""
+    import jax
+    import jax.numpy as jnp
+
+    import lora_jax
+
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError("as_float64 needs jax_enable_x64 (use peers.x64())")
+
+    def cast(t):
+        return jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.float64) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) else x, t)
+
+    adapted = jax.tree_util.tree_map(
+        lambda n: lora_jax.LoRA(w=cast(n.w), a=cast(n.a), b=cast(n.b), scale=n.scale, roles=n.roles,
+                                dropout=n.dropout) if lora_jax.is_lora(n) else cast(n),
+        case.adapted, is_leaf=lora_jax.is_lora)
+    return dataclasses.replace(case, model=Float64Classifier(case.config), params=cast(case.params),
+                               adapted=adapted)
+
+
+class x64:
+    """Context manager: ``jax_enable_x64`` on inside, restored on exit."""
+
+    def __enter__(self):
+        import jax
+
+        self.prev = jax.config.jax_enable_x64
+        jax.config.update("jax_enable_x64", True)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        jax.config.update("jax_enable_x64", self.prev)
+
+
 def make_jax_method(case: Case, method: str, *, lr: float = 1e-3, weight_decay: float = 0.0,
                     eps: float = 1e-8, lora_pro_kwargs: dict | None = None):
     """``(step, state)`` with ``state = (trainable, opt_state, frozen)`` and
@@ -242,21 +360,11 @@ def make_jax_method(case: Case, method: str, *, lr: float = 1e-3, weight_decay: 
 
     import lora_jax
 
-    model = case.model
     kw = lora_pro_kwargs or {}
-
-    def ce(logits, labels):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
+    loss_fn, trainable, frozen = jax_loss(case, full=method == "jax_full")
     if method == "jax_full":
         opt = optax.adamw(lr, eps=eps, weight_decay=weight_decay)
-        trainable, frozen = case.params, None
-
-        def loss_fn(tr, fr, b):
-            return ce(model.apply({"params": tr}, b["input_ids"], b["attention_mask"], b["token_type_ids"]),
-                      b["labels"])
     else:
-        trainable, frozen = lora_jax.split(case.adapted, trainable=r"^head/")
         if method == "jax_lora":
             opt = optax.adamw(lr, eps=eps, weight_decay=weight_decay)
         elif method == "jax_lora_pro_efficient":
@@ -265,12 +373,6 @@ def make_jax_method(case: Case, method: str, *, lr: float = 1e-3, weight_decay: 
             opt = lora_jax.lora_pro_adamw(lr, eps=eps, weight_decay=weight_decay, **kw)
         else:
             raise ValueError(method)
-        fwd = lora_jax.wrap(model.apply)
-
-        def loss_fn(tr, fr, b):
-            p = lora_jax.combine(tr, fr)
-            return ce(fwd({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]),
-                      b["labels"])
 
     def step(tr, opt_state, fr, b):
         loss, g = jax.value_and_grad(loss_fn)(tr, fr, b)
@@ -509,18 +611,22 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def run_all() -> None:
+def run_all(rounds: int | None = None) -> None:
+    """Every table of the section, in order. `rounds` (``--all --rounds N``): the benchmarks' and
+    profiles' rounds, for a quick end-to-end check (the tests always run in full)."""
     py = ensure_venv()
+    r = ["--rounds", str(rounds)] if rounds else []
     steps = [
         ("lora-pro-adamw's definition differences", [str(py), str(ROOT / "bench" / "lora_pro_reference_differences.py")]),
         ("cross-checks against transformers, PEFT and lora-pro-adamw",
          [sys.executable, "-m", "pytest", "-m", "slow or not slow", "-s", "-q", "-p", "no:cacheprovider",
           "tests/test_peers.py", "tests/test_peft_format.py"]),
-        ("benchmark: all-MiniLM-L6-v2", [sys.executable, "-m", "bench.peers", "--model", "minilm"]),
-        ("benchmark: BERT-base shape, random weights", [sys.executable, "-m", "bench.peers", "--model", "bert-base"]),
-        ("profile: where the LoRA step's time goes", [sys.executable, "-m", "bench.peers_profile"]),
+        ("benchmark: all-MiniLM-L6-v2", [sys.executable, "-m", "bench.peers", "--model", "minilm", *r]),
+        ("benchmark: BERT-base shape, random weights",
+         [sys.executable, "-m", "bench.peers", "--model", "bert-base", *r]),
+        ("profile: where the LoRA step's time goes", [sys.executable, "-m", "bench.peers_profile", *r]),
         ("profile: one optimizer update alone, BERT-base adapters",
-         [sys.executable, "-m", "bench.peers_profile", "--optimizer-updates", "bert-base"]),
+         [sys.executable, "-m", "bench.peers_profile", "--optimizer-updates", "bert-base", *r]),
     ]
     failed = []
     for title, cmd in steps:
@@ -540,7 +646,7 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--rounds", type=int, default=None, help="default 7 (minilm), 3 (bert-base)")
+    p.add_argument("--rounds", type=int, default=None, help="default 7 (minilm), 3 (bert-base); with --all: the benchmarks' and profiles' rounds")
     p.add_argument("--steps", type=int, default=2, help="training steps per timed block")
     p.add_argument("--fwd-steps", type=int, default=4, help="forward passes per timed block")
     p.add_argument("--pause", type=float, default=0.3, help="seconds between blocks")
@@ -553,7 +659,7 @@ def main(argv=None):
                         "slow, figures printed), then this benchmark on MiniLM and on BERT-base")
     args = p.parse_args(argv)
     if args.all:
-        return run_all()
+        return run_all(args.rounds)
     if args.setup_only:
         py = ensure_venv()
         print(subprocess.run([str(py), str(WORKER), "--versions"], capture_output=True, text=True).stdout.strip())

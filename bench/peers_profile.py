@@ -125,7 +125,7 @@ def main(argv=None):
                    help="only time one optimizer update alone on this model's adapter tree, and exit")
     args = p.parse_args(argv)
     if args.optimizer_updates:
-        res = optimizer_updates(args.optimizer_updates)
+        res = optimizer_updates(args.optimizer_updates, rounds=args.rounds)
         print(f"# one optimizer update alone, {args.optimizer_updates} adapters (r 8, all attention/FFN "
               f"Linears), load {__import__('os').getloadavg()[0]:.2f}")
         for k, v in res.items():

@@ -15,9 +15,12 @@ attention_mask, token_type_ids, labels) and the job:
 * ``train``: ``steps`` training steps of ``method`` (full | lora | lora_pro_full |
   lora_pro_efficient) from the given adapters; writes the adapters (PEFT key names) and losses;
   ``ref_patches`` lists alignments applied to lora-pro-adamw (see bench/lora_pro_reference_differences.py);
+* ``grads``: one forward and backward of the PEFT model with the given adapters: the raw
+  gradients of lora_A/lora_B and the head under PEFT's names;
 * ``peft_train_save``: PEFT's own init (``seed``), ``steps`` AdamW steps, ``save_pretrained`` to
   ``save_dir``, and the trained model's logits.
 
+``dtype: "float64"`` runs the model (adapters, head and optimizer state) in float64.
 Dropout is off everywhere (config probabilities 0 and ``eval()``), so both frameworks compute the
 same function.
 """
@@ -101,9 +104,33 @@ def peft_model(model, spec, adapter=None):
 
 
 def peft_tensors(pm):
+    """PEFT's adapter state dict as NumPy (float64 kept, anything else float32)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in get_peft_model_state_dict(pm).items()}
+    def arr(v):
+        v = v.detach().cpu()
+        return v.numpy().copy() if v.dtype == torch.float64 else v.float().numpy()  # a copy, never a view
+
+    return {k: arr(v) for k, v in get_peft_model_state_dict(pm).items()}
+
+
+def peft_grads(pm):
+    """The ``.grad`` of every trainable tensor under PEFT's state-dict names (swapped into the
+    parameters for `peft_tensors`, then restored)."""
+    params = [p for p in pm.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.grad)
+        out = {k: v.copy() for k, v in peft_tensors(pm).items()}  # .numpy() shares the parameters' memory
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return out
+
+
+def cast(model, spec):
+    """``spec["dtype"] == "float64"``: the whole model (and so its optimizer state) in float64."""
+    return model.double() if spec.get("dtype") == "float64" else model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,8 +196,9 @@ def setup_method(method, spec, adapter=None):
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        model = cast(model, spec)
         return model, make_optimizer(method, model, spec)
-    pm = peft_model(model, spec, adapter)
+    pm = cast(peft_model(model, spec, adapter), spec)
     return pm, make_optimizer(method, pm, spec)
 
 
@@ -180,13 +208,14 @@ def setup_method(method, spec, adapter=None):
 
 @torch.no_grad()
 def logits_of(model, batch):
-    return model(**batch).logits.float().numpy()
+    logits = model(**batch).logits
+    return logits.numpy().copy() if logits.dtype == torch.float64 else logits.float().numpy()
 
 
 def job_forward(spec):
     batch, _ = load_inputs(spec["inputs"])
     out = {}
-    model = build_model(spec)
+    model = cast(build_model(spec), spec)
     out["base"] = logits_of(model, batch)
     if spec.get("peft_dir"):
         from peft import PeftModel
@@ -196,7 +225,7 @@ def job_forward(spec):
         out["unmerged"] = logits_of(pm, batch)
         out["merged"] = logits_of(pm.merge_and_unload(), batch)
     elif spec.get("adapter"):
-        pm = peft_model(model, spec, spec["adapter"])
+        pm = cast(peft_model(model, spec, spec["adapter"]), spec)
         out["unmerged"] = logits_of(pm, batch)
         out["merged"] = logits_of(pm.merge_and_unload(), batch)
     np.savez(spec["out"], **out)
@@ -219,6 +248,17 @@ def job_train(spec):
     return {"losses": losses}
 
 
+def job_grads(spec):
+    """The raw gradients (no optimizer) of the LoRA factors and the head, PEFT names."""
+    batch, labels = load_inputs(spec["inputs"])
+    pm = cast(peft_model(build_model(spec), spec, spec.get("adapter")), spec)
+    pm.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(pm(**batch).logits, labels)
+    loss.backward()
+    np.savez(spec["out"], **peft_grads(pm))
+    return {"loss": float(loss)}
+
+
 def job_peft_train_save(spec):
     batch, labels = load_inputs(spec["inputs"])
     torch.manual_seed(spec.get("seed", 0))
@@ -231,7 +271,7 @@ def job_peft_train_save(spec):
     return {"losses": losses}
 
 
-JOBS = {"forward": job_forward, "train": job_train, "peft_train_save": job_peft_train_save}
+JOBS = {"forward": job_forward, "train": job_train, "grads": job_grads, "peft_train_save": job_peft_train_save}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -91,7 +91,11 @@ def _params(tree):
 
 
 def _np(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x)
+    """NumPy float32 (bf16/f16 widened), float64 kept as it is; other dtypes unchanged."""
+    x = np.asarray(x)
+    if x.dtype == np.float64 or not np.issubdtype(x.dtype, np.floating):
+        return x
+    return np.asarray(x, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
