@@ -135,20 +135,21 @@ def mlp(p, x):
     return h @ p["w3"].T  # w3 is stored (out, in): `.T` is its layout flag
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "q4_1", "q8_0"])
-def test_mlp_grads_equal_dequantized_path(fmt):
+def test_mlp_grads_equal_dequantized_path():
+    """One format per weight: w1 NF4 and w2 Q4_1 in LoRA nodes, w3 Q8_0 outside any."""
     k = jax.random.split(jax.random.key(0), 5)
     p = {"w1": 0.1 * jax.random.normal(k[0], (64, 128)), "w2": 0.1 * jax.random.normal(k[1], (128, 96)),
          "w3": 0.1 * jax.random.normal(k[2], (32, 96))}
     x = jax.random.normal(k[3], (6, 64))
-    adapted = lora_jax.apply(p, rank=4, alpha=8, targets="w1|w2", quantize=fmt, key=k[4])
-    adapted["w3"] = quantize(p["w3"], fmt)  # a quantized weight outside any LoRA node
+    adapted = lora_jax.apply(p, rank=4, alpha=8, targets="w1", quantize="nf4", key=k[4])
+    adapted["w2"] = lora_jax.apply({"w2": p["w2"]}, rank=4, alpha=8, quantize="q4_1", key=k[4])["w2"]
+    adapted["w3"] = quantize(p["w3"], "q8_0")  # a quantized weight outside any LoRA node
     adapted = jax.tree_util.tree_map(  # b ≠ 0
         lambda n: LoRA(w=n.w, a=n.a, b=n.b + 0.05, scale=n.scale, roles=n.roles) if lora_jax.is_lora(n) else n,
         adapted, is_leaf=lambda n: lora_jax.is_lora(n) or lora_jax.is_quantized(n))
     assert all(lora_jax.is_quantized(adapted[n].w) for n in ("w1", "w2"))
     err, gerr = check_against_dequantized(mlp, adapted, x)
-    print(f"{fmt}: output rel err {err:.1e}, adapter grads rel err {gerr:.1e}")
+    print(f"MLP on NF4/Q4_1/Q8_0: output rel err {err:.1e}, adapter grads rel err {gerr:.1e}")
     # split keeps the quantized blocks in the frozen half; merge gives a float weight
     trainable, frozen = lora_jax.split(adapted)
     assert lora_jax.is_quantized(frozen["w1"].w) and trainable["w1"].w is None
@@ -222,10 +223,7 @@ def test_keep_quantized_loads_blocks_and_matches_float_load(tiny_q):
     ids = jnp.asarray([[5, 77, 130, 9, 250, 31, 64, 2]])
     fwd = lambda p, x: model.apply({"params": p}, x)
     np.testing.assert_allclose(lora_jax.wrap(fwd, strict=True)(qp, ids), fwd(fp, ids), rtol=1e-5, atol=1e-5)
-    # generation wraps quantized params itself
-    g1 = llama.generate(model, qp, [[5, 77, 130]], 4, eos_id=-1)
-    g2 = llama.generate(model, fp, [[5, 77, 130]], 4, eos_id=-1)
-    assert (g1 == g2).all()
+    assert llama._has_lora(qp) and not llama._has_lora(fp)  # `generate` wraps quantized params
 
 
 def tiny_adapted(tiny_q, which="path"):
