@@ -36,7 +36,8 @@ class LoRA(quax.ArrayValue):
     """A frozen weight `w` and trainable factors `a`, `b`; behaves like ``w + scale·a@b``.
 
     Inside a function transformed by `lora_jax.wrap`, a `LoRA` acts as an array of `w`'s shape and
-    dtype. Products with it run factored; anything else materialises (with a warning).
+    dtype. Products with it run factored; anything else materialises (with a warning). `w` may be
+    a `lora_jax.Quantized` (QLoRA): the product dequantizes it where it runs.
     """
 
     w: Any

@@ -27,7 +27,10 @@ Parameter tree (layer i)::
     lm_head/kernel                                               (hidden, vocab), untied only
 
 Params are a plain tree of arrays and the module only multiplies by them: dequantization is the
-loader's business (`dequantize_gguf_tensor`), so a quantized store can stand in for a kernel later.
+loader's business (`dequantize_gguf_tensor`), or, with ``load_gguf(..., keep_quantized=True)``
+(QLoRA), `lora_jax.Quantized` leaves stand in for the kernels and the embedding and are
+dequantized where `lora_jax.wrap` runs their products. `lora_jax.layout_of` needs arrays: give it
+``jax.ShapeDtypeStruct(q.shape, q.dtype)`` in place of each quantized leaf.
 
 GGUF and RoPE: llama.cpp's converter permutes the rows (output features) of ``attn_q`` and
 ``attn_k`` within each head, from HF's half-split layout to interleaved pairs, because ggml's RoPE
