@@ -248,8 +248,12 @@ def _factored_product(base, s: _Specs, scale, precision):
         r = s.t[-1]
         acc = jnp.promote_types(jnp.promote_types(u.dtype, v.dtype), jnp.float32)
         target = out_spec + r
-        prod = _along(u.astype(acc), u_spec, target) * _along(v.astype(acc), v_spec, target)
-        return prod.sum(-1), acc
+        u, v = _along(u.astype(acc), u_spec, target), _along(v.astype(acc), v_spec, target)
+        shape = tuple(max(m, n) for m, n in zip(u.shape, v.shape))[:-1]
+        # XLA:CPU (jaxlib 0.10.2, its YNNPACK fusion) miscompiles this multiply-reduce when the
+        # result has a unit axis, e.g. a batch of 1 (errors of order 1); without them it is exact.
+        unit = [d for d, n in enumerate(shape) if n == 1]
+        return (jnp.squeeze(u, unit) * jnp.squeeze(v, unit)).sum(-1).reshape(shape), acc
 
     def combine(base_out, t, second):
         delta, acc = mul_reduce(t, s.t, second, s.second, s.out)

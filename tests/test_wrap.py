@@ -204,6 +204,15 @@ def test_nnx_through_wrap_when_taking_the_trace_leaves_none(monkeypatch):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lead", [(1, 8), (1, 32), (1, 1, 16), (2, 1, 8)])
+def test_unit_batch_axes(lead):
+    """A batch of 1 (generation, one-example steps): XLA:CPU once miscompiled the rank-axis
+    multiply-reduce for results with a unit axis (errors of order 1 under jit)."""
+    x = jax.random.normal(KEY, lead + (24,))
+    params, fn = linen(nn.Dense(64), x)
+    check_factored(fn, adapted(params, rank=8), x)
+
+
 def test_equinox_model():
     model = eqx.nn.MLP(10, 3, 16, depth=2, key=KEY)
     params, static = eqx.partition(model, eqx.is_array)
