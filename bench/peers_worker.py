@@ -107,9 +107,9 @@ def peft_tensors(pm):
     """PEFT's adapter state dict as NumPy (float64 kept, anything else float32)."""
     from peft import get_peft_model_state_dict
 
-    def arr(v):
+    def arr(v):  # a copy, never a view of the live parameters (.float() of a float32 tensor is itself)
         v = v.detach().cpu()
-        return v.numpy().copy() if v.dtype == torch.float64 else v.float().numpy()  # a copy, never a view
+        return (v if v.dtype == torch.float64 else v.float()).numpy().copy()
 
     return {k: arr(v) for k, v in get_peft_model_state_dict(pm).items()}
 
@@ -122,7 +122,7 @@ def peft_grads(pm):
     with torch.no_grad():
         for p in params:
             p.copy_(p.grad)
-        out = {k: v.copy() for k, v in peft_tensors(pm).items()}  # .numpy() shares the parameters' memory
+        out = peft_tensors(pm)  # copies
         for p, s in zip(params, saved):
             p.copy_(s)
     return out
@@ -209,7 +209,7 @@ def setup_method(method, spec, adapter=None):
 @torch.no_grad()
 def logits_of(model, batch):
     logits = model(**batch).logits
-    return logits.numpy().copy() if logits.dtype == torch.float64 else logits.float().numpy()
+    return (logits if logits.dtype == torch.float64 else logits.float()).numpy().copy()
 
 
 def job_forward(spec):
