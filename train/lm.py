@@ -378,15 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from train.assets import AssetError
-    from train.checkpoint import CheckpointError
-
-    try:
-        main(argv)
-    except (ConfigError, AssetError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return loop.cli(main, argv)
 
 
 if __name__ == "__main__":

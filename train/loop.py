@@ -44,6 +44,21 @@ class ConfigError(ValueError):
 # arguments
 
 
+
+def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run a trainer's ``main(argv)`` as a command: bad input (`ConfigError`,
+    `train.assets.AssetError`, `train.checkpoint.CheckpointError`) becomes one line on stderr and
+    exit status 2, not a traceback."""
+    from train.assets import AssetError
+    from train.checkpoint import CheckpointError
+
+    try:
+        main(argv)
+    except (ConfigError, AssetError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
 def add_common_args(p: argparse.ArgumentParser, *, methods, default_lr: dict, targets_help: str,
                     steps: int = 300, batch_size: int = 32, eval_every: int = 100, out: str = "runs/run") -> None:
     """The flags every trainer has (method, LoRA shape, schedule, seeds, limits, checkpoints, output)."""
