@@ -114,8 +114,11 @@ def sylvester_x(a, b, ga, scale, *, damping=DEFAULT_DAMPING, rcond=None):
 
 
 def equivalent_kernel_gradient(a, b, ga, gb, scale):
-    """``s·(ga b + a gb)`` (I, O): the kernel-orientation equivalent gradient ``g̃ᵀ``."""
-    return scale * (mm(ga, b) + mm(a, gb))
+    """``s·(ga b + a gb)`` (I, O): the kernel-orientation equivalent gradient ``g̃ᵀ``.
+
+    One product over a rank axis of 2r, ``[ga, a] @ [b; gb]``: a single (I, O)-sized output
+    instead of two and their sum."""
+    return scale * mm(jnp.concatenate([ga, a], -1), jnp.concatenate([b, gb], -2))
 
 
 def _node_mats(p: LoRA, u: LoRA, dtype):
