@@ -1,11 +1,12 @@
-"""Orbax checkpoints for `train.classify`, verified on restore.
+"""Orbax checkpoints for the trainers (`train.classify`, `train.lm`, through `train.loop`),
+verified on restore.
 
 One checkpoint = one orbax step directory ``<dir>/<step>/`` with two items:
 
 * ``state``: the arrays to resume from, as a flat dict ``{"00000": leaf, ...}`` in the leaf order
   of the (trainable, optimizer state) tree. For LoRA methods the trainable tree is only the
-  adapters' ``a``/``b`` and the head (see `lora_jax.split`); the frozen encoder is re-read from the
-  model files on resume and never written.
+  adapters' ``a``/``b`` (and a classifier's head; see `lora_jax.split`); the frozen model is re-read
+  from its files on resume and never written.
 * ``meta``: JSON: step, run config, data/rng state and a checksum (sha256 over every leaf's dtype,
   shape and bytes; plus a crc32 per leaf to name a damaged one).
 
