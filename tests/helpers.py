@@ -97,3 +97,30 @@ def check_factored(fn, tree, *args, rtol=1e-5, grad_rtol=1e-5, key=jax.random.ke
     gerr = rel_err(g_ab, [tuple(x) for x in g_ref])
     assert gerr <= grad_rtol, f"gradient rel err {gerr:.2e} > {grad_rtol}"
     return err, gerr
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_until(main, argv, stop_after: int):
+    """Run a trainer's ``main(argv)`` but raise out of it right after the checkpoint of step
+    `stop_after` (or the first one past it) is written: an interrupted run, for resume tests."""
+    import pytest
+
+    from train import checkpoint
+
+    orig = checkpoint.Checkpointer.save
+
+    def save(self, step, tree, meta, *, force=False):
+        out = orig(self, step, tree, meta, force=force)
+        if step >= stop_after:
+            raise _Stop
+        return out
+
+    checkpoint.Checkpointer.save = save
+    try:
+        with pytest.raises(_Stop):
+            main(argv)
+    finally:
+        checkpoint.Checkpointer.save = orig

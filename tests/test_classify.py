@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import run_until
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -173,7 +175,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, method):
     ref = main(_args(tiny, tmp_path / "a", method=method))
     # an interrupted run: stopped after step 10 (checkpoints at 4 and 8; epochs of 8 batches) ...
     part = _args(tiny, tmp_path / "b", method=method)
-    _run_until(part, stop_after=10)
+    run_until(main, part, stop_after=10)
     assert [r["step"] for r in _losses(tmp_path / "b" / f"{method}-s0")][-1] == 10
     # ... then resumed: restarts from the checkpoint at step 8, drops the metrics of steps 9-10
     res = main(part + ["--resume"])
@@ -184,31 +186,6 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, method):
     np.testing.assert_allclose([r["eval_acc"] for r in b if "eval_acc" in r],
                                [r["eval_acc"] for r in a if "eval_acc" in r], rtol=0, atol=0)
     assert abs(res["eval_loss"] - ref["eval_loss"]) < 1e-6
-
-
-class _Stop(Exception):
-    pass
-
-
-def _run_until(argv, stop_after: int):
-    """Run `main(argv)` but raise out of it right after step `stop_after` has been logged."""
-    import train.classify as C
-    from train import checkpoint
-
-    orig = checkpoint.Checkpointer.save
-
-    def save(self, step, tree, meta, *, force=False):
-        out = orig(self, step, tree, meta, force=force)
-        if step >= stop_after:
-            raise _Stop
-        return out
-
-    checkpoint.Checkpointer.save = save
-    try:
-        with pytest.raises(_Stop):
-            C.main(argv)
-    finally:
-        checkpoint.Checkpointer.save = orig
 
 
 def test_checkpoint_holds_only_the_trainable_half(tiny, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("gguf")
 
+from helpers import run_until  # noqa: E402
 from train import arith  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the task
@@ -178,29 +179,6 @@ def test_lm_trains(tiny_gguf, tmp_path, method):
         assert s["checkpoint_bytes"] < s["full_model_param_bytes"]
 
 
-class _Stop(Exception):
-    pass
-
-
-def _run_until(argv, stop_after):
-    from train import checkpoint, lm
-
-    orig = checkpoint.Checkpointer.save
-
-    def save(self, step, tree, meta, *, force=False):
-        out = orig(self, step, tree, meta, force=force)
-        if step >= stop_after:
-            raise _Stop
-        return out
-
-    checkpoint.Checkpointer.save = save
-    try:
-        with pytest.raises(_Stop):
-            lm.main(argv)
-    finally:
-        checkpoint.Checkpointer.save = orig
-
-
 @pytest.mark.parametrize("method", ["lora-pro", pytest.param("full", marks=pytest.mark.slow)])
 def test_resume_equals_uninterrupted(tiny_gguf, tmp_path, method):
     from train import lm
@@ -208,7 +186,7 @@ def test_resume_equals_uninterrupted(tiny_gguf, tmp_path, method):
 
     ref = lm.main(_args(tiny_gguf, tmp_path / "a", method=method))
     part = _args(tiny_gguf, tmp_path / "b", method=method)
-    _run_until(part, stop_after=5)  # checkpoints at 2 and 4; steps 5 logged, then stopped
+    run_until(lm.main, part, stop_after=5)  # checkpoints at 2 and 4; steps 5 logged, then stopped
     assert read_metrics(tmp_path / "b" / f"{method}-s0" / "metrics.jsonl")[-1]["step"] == 5
     res = lm.main(part + ["--resume"])  # from step 4
     assert res["params_sha256"] == ref["params_sha256"]  # bit-identical adapters
