@@ -336,6 +336,10 @@ def test_kv_cache_generation_equals_no_cache_argmax_loop(tiny):
     print("generated:", got.tolist())
     assert got.tolist() == want
     assert len(set(want[0])) > 1  # not a degenerate repeat, so the cache's positions matter
+    # a wider padding (one width for many batches, as train.lm uses) changes nothing
+    assert llama.generate(model, params, prompts, n, eos_id=-1, width=12).tolist() == want
+    with pytest.raises(ValueError, match="width 5 is shorter"):
+        llama.generate(model, params, prompts, n, eos_id=-1, width=5)
 
 
 def test_generation_stops_at_eos_and_pads(tiny):

@@ -396,14 +396,17 @@ def _generate(model, params, prompt, prompt_mask, key, eos_id, pad_id, *, max_ne
 
 def generate(model: Llama, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_p: float = 1.0, key=None, eos_id: int | None = None,
-             pad_id: int | None = None) -> np.ndarray:
+             pad_id: int | None = None, width: int | None = None) -> np.ndarray:
     """New tokens (B, max_new_tokens) for token-id `prompts` (lists, any lengths: left-padded here).
 
     Greedy for ``temperature=0``, else temperature/top-p sampling with `key`. A row stops at
     `eos_id` (default: the config's; the eos is kept, later slots hold `pad_id`); the loop ends
     when every row has stopped. `params` may hold LoRA nodes: they run factored (`lora_jax.wrap`).
     Positions of left-padded rows count from their first real token, as HF's ``generate``.
-    Compiled once per (model, batch, prompt length, max_new_tokens, temperature, top_p).
+    Compiled once per (model, batch, prompt width, max_new_tokens, temperature, top_p): the prompts
+    are left-padded to ``width`` (default: the longest), so a caller decoding many batches gives
+    one ``width`` (and as many prompts per call) to compile once. Left padding changes no
+    logits: padded slots are masked and positions count from each row's first real token.
     """
     cfg = model.config
     eos_id = cfg.eos_token_id if eos_id is None else eos_id
@@ -416,6 +419,10 @@ def generate(model: Llama, params, prompts: Sequence[Sequence[int]], max_new_tok
     T = max(len(p) for p in prompts)
     if T == 0:
         raise ValueError("empty prompt")
+    if width is not None:
+        if width < T:
+            raise ValueError(f"width {width} is shorter than the longest prompt ({T} tokens)")
+        T = int(width)
     ids = np.full((len(prompts), T), pad_id, np.int32)
     mask = np.zeros((len(prompts), T), np.int32)
     for r, p in enumerate(prompts):

@@ -214,10 +214,7 @@ def generate_replies(model, params, prompts: list[list[int]], *, eos_id: int, pa
                      max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Greedy replies (token ids, up to and excluding the end of turn) to `prompts`, in batches of
     `batch_size` left-padded to one width (the longest prompt), so decoding compiles once
-    (`train.llama`'s jitted KV-cache loop)."""
-    import jax
-    import jax.numpy as jnp
-
+    (`train.llama.generate`, KV cache; `params` with LoRA nodes or quantized weights run factored)."""
     from train import llama
 
     width = max(len(p) for p in prompts)
@@ -225,14 +222,8 @@ def generate_replies(model, params, prompts: list[list[int]], *, eos_id: int, pa
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         rows = chunk + [chunk[-1]] * (batch_size - len(chunk))  # the last batch: repeated, dropped
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        for r, p in enumerate(rows):
-            ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
-        toks = llama._generate(model, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-                               jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
-                               temperature=0.0, top_p=1.0, factored=False)
-        for row in np.asarray(toks)[:len(chunk)]:
+        toks = llama.generate(model, params, rows, max_new_tokens, eos_id=eos_id, pad_id=pad_id, width=width)
+        for row in toks[:len(chunk)]:
             row = list(map(int, row))
             out.append(row[:row.index(eos_id)] if eos_id in row else row)
     return out
