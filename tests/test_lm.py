@@ -262,3 +262,29 @@ def test_existing_run_dir_needs_resume_or_overwrite(tiny_gguf, tmp_path):
     main(_args(tiny_gguf, tmp_path))  # STEPS: the compiled steps of the runs above serve
     with pytest.raises(ConfigError, match="--resume.*--overwrite"):
         main(_args(tiny_gguf, tmp_path))
+
+
+def test_lm_trains_on_a_quantized_base(tiny_gguf, tmp_path):
+    """--base q4 (QLoRA): the tiny GGUF's Q8_0/Q4_1 tensors stay quantized; it trains to a finite loss,
+    the frozen half is smaller than the float32 run's and both summaries report the step's memory."""
+    from train import lm
+    from train.loop import read_metrics
+
+    q = lm.main(_args(tiny_gguf, tmp_path / "q", "--base", "q4", "--eval-base", "--val-limit", "4", steps=3))
+    f = lm.main(_args(tiny_gguf, tmp_path / "f", steps=3))
+    losses = [r["loss"] for r in read_metrics(Path(q["run_dir"]) / "metrics.jsonl")]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and np.isfinite(q["eval_loss"])
+    assert q["base"] == "q4" and f["base"] == "f32" and 0 <= q["val_acc"] <= 1 and q["val_examples"] == 4
+    assert q["total_params"] == f["total_params"] and q["trainable_params"] == f["trainable_params"]
+    assert q["frozen_param_bytes"] < f["frozen_param_bytes"]
+    for s in (q, f):
+        assert s["step_memory_bytes"]["argument"] > 0
+    assert q["step_memory_bytes"]["argument"] < f["step_memory_bytes"]["argument"]
+
+
+def test_quantized_base_refuses_full_fine_tuning(tiny_gguf, tmp_path, capsys):
+    from train import lm
+
+    assert lm.cli(_args(tiny_gguf, tmp_path, "--base", "q4", method="full")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --base q4") and "\n" not in err

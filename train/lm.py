@@ -21,7 +21,16 @@ Evaluation (every ``--eval-every`` steps and at the end) on the first ``--eval-l
 problems: ``eval_acc``, exact match of the number parsed from a greedy reply (`train.llama`'s
 KV-cache decoding, ``--max-new-tokens``, on the merged weights; `train.arith.parse_answer`), and
 ``eval_loss``, the teacher-forced loss on the held-out answers. ``--eval-base`` also reports the
-base model's accuracy (before any step). The final replies go to ``samples.jsonl``.
+base model's accuracy (before any step). The final replies go to ``samples.jsonl``. ``--val-limit N``
+adds ``val_acc`` at the end: exact match on N training-split problems after the ``--train-limit``
+ones (never trained on), for choosing a learning rate without looking at the held-out set.
+
+Base weights (``--base``): ``f32`` dequantizes the GGUF to float32; ``q4`` (QLoRA, LoRA methods only)
+keeps its Q4_1/Q8_0 blocks in memory (`train.llama.load_gguf(keep_quantized=True)`), dequantized
+where each weight is used, in the forward and again in the backward; evaluation then runs factored
+(adapters not merged). ``summary.json`` reports ``frozen_param_bytes`` (the frozen half's arrays)
+and ``step_memory_bytes`` (the compiled train step's ``memory_analysis()``: argument, output, temp,
+generated code), beside ``sec_per_step``.
 
 Outputs, ``--resume`` and the checks of the input are `train.loop`'s, as for `train.classify`:
 ``--out/<method>-s<seed>/{metrics.jsonl, ckpt/, config.json, summary.json, samples.jsonl}`` and
@@ -50,7 +59,10 @@ DEFAULT_LR = {"full": 3e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e
 
 # Arguments that define the trajectory: a resumed run must agree on all of them.
 _TRAJECTORY = ("model", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr", "seed",
-               "max_len", "warmup_ratio", "schedule", "weight_decay", "train_limit", "data_seed")
+               "max_len", "warmup_ratio", "schedule", "weight_decay", "train_limit", "data_seed", "base")
+BASES = {"f32": "every weight dequantized to float32",
+         "q4": "QLoRA: the GGUF's Q4_1/Q8_0 blocks stay in memory, dequantized where each is used "
+               "(train.llama.load_gguf(keep_quantized=True)); other tensors float32"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="reply length at evaluation")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-base", action="store_true", help="also evaluate the base model before training")
+    p.add_argument("--base", default="f32", choices=sorted(BASES),
+                   help="the frozen base weights: " + "; ".join(f"{k}: {v}" for k, v in BASES.items())
+                        + " (q4: LoRA methods and .gguf models only)")
+    p.add_argument("--val-limit", type=int, default=0,
+                   help="also report at the end val_acc, exact match on the N training-split problems "
+                        "that follow the --train-limit ones (never trained on): for choosing settings "
+                        "without the held-out set")
     return p
 
 
@@ -78,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.lr is None:
         args.lr = DEFAULT_LR[args.method]
     loop.check_numeric(args)
+    if args.val_limit < 0:
+        raise ConfigError(f"--val-limit {args.val_limit} must be ≥ 0")
+    if args.base == "q4" and args.method == "full":
+        raise ConfigError("--base q4 keeps the base weights quantized (frozen): use a LoRA method, not --method full")
     return args
 
 
@@ -120,6 +143,7 @@ class Setup:
     num_params: int
     num_trainable: int
     model_bytes: int
+    quantized: bool  # the frozen base holds `lora_jax.Quantized` weights (--base q4)
 
 
 def build(args, path: Path) -> Setup:
@@ -129,21 +153,27 @@ def build(args, path: Path) -> Setup:
     import lora_jax
     from train import llama
 
+    quantized = args.base == "q4"
+    if quantized and not (path.is_file() and path.suffix == ".gguf"):
+        raise ConfigError(f"--base q4 needs a .gguf model (its quantized blocks); {path} is not one")
     try:
-        config, params = llama.load(path)
+        config, params = llama.load_gguf(path, keep_quantized=True) if quantized else llama.load(path)
         tok = llama.load_tokenizer(path)
     except (ValueError, NotImplementedError, FileNotFoundError) as e:
         raise ConfigError(f"--model {args.model}: {e}") from e
     if not tok.chat_template:
         raise ConfigError(f"--model {args.model}: the checkpoint has no chat template (an instruct model is needed)")
     model = llama.Llama(config)
-    model_bytes, num_params = loop.nbytes(params), loop.count(params)
+    model_bytes = loop.nbytes(params)  # quantized weights: their stored blocks
+    num_params = int(sum(np.prod(x.shape) for x in  # a quantized weight's logical shape
+                         jax.tree_util.tree_leaves(params, is_leaf=lora_jax.is_quantized)))
     if args.method == "full":
         trainable, frozen = params, None
     else:
         targets = args.targets or llama.LORA_TARGETS
         ids = jnp.zeros((1, 8), jnp.int32)
-        layout = lora_jax.layout_of(lambda p, ids: model.apply({"params": p}, ids), params, ids)
+        fwd = lora_jax.wrap(model.apply) if quantized else model.apply
+        layout = lora_jax.layout_of(lambda p, ids: fwd({"params": p}, ids), params, ids)
         try:
             adapted = lora_jax.apply(params, args.rank, alpha=args.alpha, targets=targets, layout=layout,
                                      key=jax.random.fold_in(jax.random.key(args.seed), 1))
@@ -153,7 +183,7 @@ def build(args, path: Path) -> Setup:
     schedule = loop.make_schedule(args)
     optimizer = loop.make_optimizer(args.method, schedule, args.weight_decay)
     return Setup(model, tok, params, trainable, frozen, optimizer, schedule, num_params,
-                 loop.count(trainable), model_bytes)
+                 loop.count(trainable), model_bytes, quantized)
 
 
 def make_steps(setup: Setup, method: str, cache_key=None):
@@ -192,18 +222,24 @@ def _make_steps(setup: Setup, method: str):
         updates, opt_state = opt.update(grads, opt_state, tr)
         return optax.apply_updates(tr, updates), opt_state, loss
 
+    apply_eval = lora_jax.wrap(model.apply) if setup.quantized else model.apply
+
     @jax.jit
-    def eval_step(params, batch):  # plain (merged) params
-        return answer_loss(model.apply({"params": params}, batch["input_ids"], batch["attention_mask"]), batch)
+    def eval_step(params, batch):  # `merged` params
+        return answer_loss(apply_eval({"params": params}, batch["input_ids"], batch["attention_mask"]), batch)
 
     return train_step, eval_step
 
 
-def merged(tr, fr):
-    """Plain params of (trainable, frozen): adapters merged, for a fast forward."""
+def merged(tr, fr, quantized: bool = False):
+    """Params of (trainable, frozen) for evaluation: adapters merged, for a fast forward; on a
+    quantized base (``--base q4``) combined but not merged (a merge would dequantize every adapted
+    weight to a float copy), run factored through `lora_jax.wrap`."""
     import lora_jax
 
-    return tr if fr is None else lora_jax.merge(lora_jax.combine(tr, fr))
+    if fr is None:
+        return tr
+    return lora_jax.combine(tr, fr) if quantized else lora_jax.merge(lora_jax.combine(tr, fr))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,10 +311,12 @@ def run(args: argparse.Namespace) -> dict:
     setup = build(args, path)  # --targets matching nothing fails here, before any data or step
     tok = setup.tokenizer
 
+    import jax
     import jax.numpy as jnp
 
     train_probs = arith.problems("train", args.train_limit, args.data_seed)
     eval_probs = arith.problems("test", args.eval_limit, args.data_seed)
+    val_probs = arith.problems("train", args.train_limit + args.val_limit, args.data_seed)[args.train_limit:]
     longest = arith.longest_example(tok, train_probs)
     max_len = longest if args.max_len is None else args.max_len
     if longest > max_len:
@@ -288,6 +326,7 @@ def run(args: argparse.Namespace) -> dict:
     train = arith.encode(tok, train_probs, max_len, pad_id=eos_id)
     evald = arith.encode(tok, eval_probs, None, pad_id=eos_id)
     prompts = [arith.prompt_ids(tok, p) for p in eval_probs]
+    val_prompts = [arith.prompt_ids(tok, p) for p in val_probs]
 
     config = {k: getattr(args, k) for k in _TRAJECTORY}
     config["model_path"] = str(path)
@@ -296,13 +335,22 @@ def run(args: argparse.Namespace) -> dict:
                            setup.optimizer.init(setup.trainable))
     order = BatchOrder(args.seed, len(train["input_ids"]), args.batch_size)
     cache_key = (str(path), max_len, *(config[k] for k in ("method", "rank", "alpha", "targets", "lr", "steps",
-                                                            "warmup_ratio", "schedule", "weight_decay")))
+                                                            "warmup_ratio", "schedule", "weight_decay", "base")))
     train_step, eval_step = make_steps(setup, args.method, cache_key)
+    # compiled ahead (once per cache_key and batch shape) for its memory analysis, then used for the steps
+    get_batch = lambda idx: {k: jnp.asarray(train[k][idx]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    example = (opened.tr, opened.opt_state, fr, get_batch(order.indices(0)),
+               jax.random.fold_in(jax.random.key(args.seed), 2))
+    compiled_step = loop.memo_steps((cache_key, "compiled", args.batch_size),
+                                    lambda: train_step.lower(*example).compile())
+    mem = compiled_step.memory_analysis()
+    step_memory = None if mem is None else {
+        k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "generated_code")}
     gen = dict(eos_id=eos_id, pad_id=eos_id, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
     last_samples: list = []
 
     def do_eval(tr) -> dict:
-        params = merged(tr, fr)
+        params = merged(tr, fr, setup.quantized)
         acc, samples = exact_match(setup.model, params, tok, eval_probs, prompts, **gen)
         last_samples[:] = samples
         return {"eval_acc": acc, "eval_loss": heldout_loss(eval_step, params, evald, args.eval_batch_size)}
@@ -315,14 +363,18 @@ def run(args: argparse.Namespace) -> dict:
         print(f"base model: exact match {base_acc:.4f} on {len(eval_probs)} held-out problems, "
               f"answer loss {base['base_eval_loss']:.4f}", file=sys.stderr)
 
-    res = loop.train_loop(opened, train_step=train_step, frozen=fr, schedule=setup.schedule, order=order,
-                          get_batch=lambda idx: {k: jnp.asarray(train[k][idx])
-                                                 for k in ("input_ids", "attention_mask", "loss_mask")},
+    res = loop.train_loop(opened, train_step=compiled_step, frozen=fr, schedule=setup.schedule, order=order,
+                          get_batch=get_batch,
                           evaluate=do_eval, bar_metric="eval_acc", model_bytes=setup.model_bytes,
                           desc=f"{args.method} s{args.seed}")
     final, common = res.final, res.common_summary()
     if not last_samples:  # the final evaluation came from the log (resumed after the last step)
         do_eval(res.tr)
+    val = {}
+    if val_probs:
+        val_acc, _ = exact_match(setup.model, merged(res.tr, fr, setup.quantized), tok, val_probs, val_prompts,
+                                 **gen)
+        val = {"val_acc": val_acc, "val_examples": len(val_probs)}
     with open(run_dir / "samples.jsonl", "w") as f:
         for i, s in enumerate(last_samples):
             rec = dict(s)
@@ -332,11 +384,13 @@ def run(args: argparse.Namespace) -> dict:
     summary = {
         "method": args.method, "seed": args.seed, "steps": args.steps, "lr": args.lr,
         "trainable_params": setup.num_trainable, "total_params": setup.num_params,
-        "eval_acc": final.get("eval_acc"), "eval_loss": final.get("eval_loss"),
+        "eval_acc": final.get("eval_acc"), "eval_loss": final.get("eval_loss"), **val,
         **(base or {}),
         **{k: common[k] for k in ("train_loss_last10pct", "final_loss", "sec_per_step", "wall_s",
                                   "checkpoint_bytes")},
-        "full_model_param_bytes": setup.model_bytes, "eval_examples": len(eval_probs),
+        "full_model_param_bytes": setup.model_bytes, "base": args.base,
+        "frozen_param_bytes": loop.nbytes(fr) if fr is not None else 0,
+        "step_memory_bytes": step_memory, "eval_examples": len(eval_probs),
         "train_examples": len(train_probs), "max_len": max_len,
         "params_sha256": common["params_sha256"], "run_dir": str(run_dir),
     }
