@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> dict:
                 rec["base_reply"], rec["base_correct"] = base_samples[i]["reply"], base_samples[i]["correct"]
             f.write(json.dumps(rec) + "\n")
     summary = {
-        "method": args.method, "seed": args.seed, "steps": args.steps, "lr": args.lr,
+        "method": args.method, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "trainable_params": setup.num_trainable, "total_params": setup.num_params,
         "eval_acc": final.get("eval_acc"), "eval_loss": final.get("eval_loss"), **val,
         **(base or {}),
