@@ -124,6 +124,61 @@ def test_one_repo_url_everywhere():
     assert "REPO_URL" in readme
 
 
+def run_install_cell(monkeypatch, name: str, *, gpu: bool = False, tpu: bool = False, pip_status: int = 0):
+    """Exec a notebook's install cell as on a fresh runtime (lora_jax not importable), pip faked:
+    returns the pip commands it ran."""
+    import shutil
+
+    source = nbformat.read(NB_DIR / name, as_version=4).cells[1].source
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        if pip_status == 0:
+            sys.modules.pop("lora_jax", None)  # "installed": the import after pip finds it
+        return subprocess.CompletedProcess(cmd, pip_status, "pip's stdout", "pip's stderr")
+
+    monkeypatch.setitem(sys.modules, "lora_jax", None)  # `import lora_jax` raises ImportError
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: "/usr/bin/nvidia-smi" if gpu and cmd == "nvidia-smi" else None)
+    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+    if tpu:
+        monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5e-1")
+    else:
+        monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+    exec(compile(source, f"{name} install cell", "exec"), {"__name__": "__main__"})
+    return calls
+
+
+@pytest.mark.parametrize("name, gpu, tpu, extras", [
+    ("finetune_bert.ipynb", False, False, "[train]"),
+    ("finetune_bert.ipynb", True, False, "[train,cuda12]"),
+    ("lora_pro_geometry.ipynb", False, True, "[train,tpu]"),
+    ("quickstart.ipynb", False, False, ""),
+    ("quickstart.ipynb", True, False, "[cuda12]"),
+])
+def test_install_cell_requirement(monkeypatch, capsys, name, gpu, tpu, extras):
+    if not glob_accel_absent():
+        pytest.skip("this machine has /dev/accel* (a TPU host): the CPU/GPU cases do not apply")
+    calls = run_install_cell(monkeypatch, name, gpu=gpu, tpu=tpu)
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q",
+                      f"lora_jax{extras} @ git+https://github.com/lora-jax/lora_jax"]]
+    assert "lora_jax from" in capsys.readouterr().out
+
+
+def test_install_cell_shows_pip_errors(monkeypatch, capsys):
+    with pytest.raises(RuntimeError, match="pip install failed"):
+        run_install_cell(monkeypatch, "finetune_bert.ipynb", pip_status=1)
+    out = capsys.readouterr().out
+    assert "pip's stdout" in out and "pip's stderr" in out
+
+
+def glob_accel_absent() -> bool:
+    import glob
+
+    return not glob.glob("/dev/accel*")
+
+
 # ------------------------------------------------------------------------------------------------
 # each notebook, executed
 
@@ -204,7 +259,9 @@ def test_install_cell_in_a_fresh_venv(tmp_path, monkeypatch):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "ipykernel"], check=True)
+    # a runtime's current pip (the pip that venv bundles may predate `name @ git+file:///…` URLs) and
+    # a Jupyter kernel; nothing else
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip", "ipykernel"], check=True)
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     probe = subprocess.run([str(py), "-c", "import lora_jax"], cwd=tmp_path, env=clean_env, capture_output=True)
     assert probe.returncode != 0  # not importable before the install cell
