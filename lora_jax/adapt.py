@@ -14,6 +14,7 @@ from lora_jax.node import LoRA, factor_shapes, fan_in_out, is_lora
 from lora_jax.paths import Selector, compile_selector, flatten_with_paths, lookup_pattern
 from lora_jax.quant import is_quantized
 from lora_jax.quant import quantize as _quantize
+from lora_jax.sharding import array_sharding, factor_shardings
 
 INITS = ("lora", "gaussian", "pissa", "olora")
 
@@ -220,6 +221,19 @@ def _as_matrix(x, roles):
 
 
 def _init_node(w, roles, r, scale, init, dropout, dtype, key):
+    placed = None if is_quantized(w) else factor_shardings(array_sharding(w), w.ndim, roles)
+    if placed is None:
+        return _init_factors(w, roles, r, scale, init, dropout, dtype, key)
+    # w is sharded (FSDP, tensor parallel): create the factors directly in their shardings (also
+    # across processes: every process runs the same jitted init), so no device ever holds a whole one
+    w_sharding = array_sharding(w)
+    make = jax.jit(lambda w, key: _init_factors(w, roles, r, scale, init, dropout, dtype, key),
+                   out_shardings=LoRA(w=w_sharding, a=placed[0], b=placed[1], scale=scale, roles=roles,
+                                      dropout=dropout))
+    return make(w, key)
+
+
+def _init_factors(w, roles, r, scale, init, dropout, dtype, key):
     a_shape, b_shape = factor_shapes(w.shape, roles, r)
     fan_in, _ = fan_in_out(w.shape, roles)
     if init in ("lora", "gaussian"):

@@ -53,6 +53,7 @@ import optax
 from lora_jax import _gram
 from lora_jax._gram import mT, mm
 from lora_jax.node import LoRA, is_lora
+from lora_jax.sharding import moment_sharding
 
 X_CHOICES = ("sylvester", "zero", "symmetric")
 DEFAULT_DAMPING = 1e-8
@@ -316,8 +317,8 @@ def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float =
         warn.check(params)
 
         def zeros(p, dtype_for_lora):
-            if is_lora(p):
-                return jnp.zeros(_full_shape(p), dtype_for_lora)
+            if is_lora(p):  # sharded like the adapted weight when the factors are (FSDP)
+                return jnp.zeros(_full_shape(p), dtype_for_lora, device=moment_sharding(p.a, p.b, p.roles))
             return jnp.zeros_like(p, dtype=mu_dtype or p.dtype)
 
         mu = jax.tree_util.tree_map(lambda p: zeros(p, m_dtype), params, is_leaf=is_lora)

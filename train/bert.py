@@ -176,9 +176,10 @@ def attention_with_dropout(q, k, v, mask, dropout: nn.Dropout, deterministic: bo
     ``attention_probs_dropout_prob``), which `jax.nn.dot_product_attention` cannot apply: the
     scores and probabilities are materialised as (B, heads, T, S). Used only when attention
     dropout is active in a training call."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    wide = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=wide)
     scores = scores / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(wide).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
@@ -352,8 +353,9 @@ class Classifier(nn.Module):
         else:
             x = pool(out, attention_mask, self.pooling)
         rate = self.config.hidden_dropout_prob if self.dropout_rate is None else self.dropout_rate
-        x = nn.Dropout(rate)(x.astype(jnp.float32), deterministic=deterministic)
-        return _dense(self.config, self.num_classes, "head", jnp.float32, jnp.float32)(x)
+        wide = jnp.promote_types(self.dtype, jnp.float32)  # float32, or float64 for a float64 model
+        x = nn.Dropout(rate)(x.astype(wide), deterministic=deterministic)
+        return _dense(self.config, self.num_classes, "head", wide, wide)(x)
 
 
 def init_classifier(config: BertConfig, num_classes: int, key: jax.Array, encoder_params=None, *,

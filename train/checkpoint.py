@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.parallel import sync, to_host
+
 __all__ = ["CheckpointError", "Checkpointer", "tree_checksum", "dir_bytes"]
 
 
@@ -73,6 +75,13 @@ def dir_bytes(path: str | os.PathLike) -> int:
 
 def _key(i: int) -> str:
     return f"{i:05d}"
+
+
+def _abstract(x):
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    x = np.asarray(x)
+    return np.zeros(x.shape, x.dtype)
 
 
 class Checkpointer:
@@ -121,20 +130,22 @@ class Checkpointer:
         (or `force`). Returns whether a checkpoint was written (and finalized)."""
         if not force and step % self.every:
             return False  # (orbax alone would also save the first step it sees)
-        leaves = jax.tree_util.tree_leaves(tree)
-        host = [np.asarray(x) for x in leaves]
+        leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+        # the checksum needs every byte in every process: arrays split across processes are gathered
+        host = [to_host(x) for x in leaves]
         digest, crcs = tree_checksum(host)
         meta = dict(meta, step=int(step), num_leaves=len(host), sha256=digest, crc32=crcs,
                     shapes=[list(x.shape) for x in host], dtypes=[x.dtype.str for x in host])
-        flat = {_key(i): x for i, x in enumerate(host)}
+        flat = {_key(i): x for i, x in enumerate(leaves)}  # orbax writes each shard from its process
         saved = self.manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)),
             force=force,
         )
         self.manager.wait_until_finished()
-        if saved:
+        if saved and jax.process_index() == 0:
             self._write_manifest(int(step))
+        sync(f"checkpoint_manifest_{step}")
         return bool(saved)
 
     # ------------------------------------------------------------------ file manifests
@@ -204,8 +215,9 @@ class Checkpointer:
         hint += "or start the run again without --resume (with --overwrite)."
         self._check_manifest(step, hint)
         like_leaves, treedef = jax.tree_util.tree_flatten(like)
-        abstract = {_key(i): np.zeros(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
-                    for i, x in enumerate(like_leaves)}
+        # restored straight into `like`'s shardings: a checkpoint written on one mesh (or by several
+        # processes) loads onto any other
+        abstract = {_key(i): _abstract(x) for i, x in enumerate(like_leaves)}
         try:
             got = self.manager.restore(
                 step,
@@ -223,7 +235,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {path} holds {meta.get('num_leaves')} arrays but this run needs "
                 f"{len(like_leaves)}: it was written by a different configuration. {hint}")
-        host = [np.asarray(state[_key(i)]) for i in range(len(like_leaves))]
+        arrays = [state[_key(i)] for i in range(len(like_leaves))]
+        host = [to_host(x) for x in arrays]
         for i, (x, want) in enumerate(zip(host, like_leaves)):
             if tuple(x.shape) != tuple(np.shape(want)) or list(x.shape) != meta["shapes"][i]:
                 raise CheckpointError(f"checkpoint {path}: array {i} has shape {x.shape}, this run "
@@ -234,7 +247,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {path} is corrupted: the restored arrays do not match the checksum "
                 f"saved with them (damaged arrays: {bad[:10]}). {hint}")
-        tree = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in host])
+        tree = jax.tree_util.tree_unflatten(
+            treedef, [x if isinstance(x, jax.Array) else jax.numpy.asarray(x) for x in arrays])
         return tree, meta
 
     def close(self) -> None:

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from train import loop
+from train import loop, parallel
 from train.loop import (  # noqa: F401  (re-exported: the names this module had before train.loop)
     LORA_METHODS, BatchOrder, ConfigError, make_optimizer, make_schedule, plot_runs, read_metrics)
 
@@ -67,7 +67,7 @@ HEAD = r"^head/"
 # Arguments that define the trajectory: a resumed run must agree on all of them.
 _TRAJECTORY = ("model", "dataset", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr",
                "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "train_limit", "pooling",
-               "dropout", "lora_dropout", "data_dir")
+               "dropout", "lora_dropout", "data_dir", "dtype")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "peft.PeftModel.from_pretrained onto transformers' BertForSequenceClassification "
                         "(train.peft_format); LoRA methods only. HF's head pools with the pooler: train with "
                         "--pooling pooler for the same logits there")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="weights, adapters and computation; float64 (needs JAX_ENABLE_X64=1) is for "
+                        "numerical checks, e.g. that a mesh run matches one device")
+    parallel.add_args(p)
     return p
 
 
@@ -159,50 +163,59 @@ class Setup:
     model_bytes: int  # bytes of the full model's parameters (what a full checkpoint of weights holds)
 
 
-def build(args, model_dir: Path, num_classes: int) -> Setup:
+def build(args, model_dir: Path, num_classes: int, par: parallel.Parallel | None = None) -> Setup:
     import jax
     import jax.numpy as jnp
 
     import lora_jax
     from train import bert
 
-    config, enc = bert.load_hf_safetensors(model_dir, with_pooler=args.pooling == "pooler")
+    dtype = jnp.dtype(args.dtype)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ConfigError("--dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
+    config, enc = bert.load_hf_safetensors(model_dir, with_pooler=args.pooling == "pooler", dtype=dtype)
     if args.dropout is not None:
         config = dataclasses.replace(config, hidden_dropout_prob=args.dropout,
                                      attention_probs_dropout_prob=args.dropout)
     base = jax.random.key(args.seed)
     model, variables = bert.init_classifier(config, num_classes, jax.random.fold_in(base, 0), enc,
-                                            pooling=args.pooling)
-    params = variables["params"]
+                                            pooling=args.pooling, dtype=dtype, param_dtype=dtype)
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), variables["params"])  # the head too
     model_bytes, num_params = loop.nbytes(params), loop.count(params)
+    par = par or parallel.Parallel("single")
     if args.method == "full":
-        trainable, frozen = params, None
+        trainable, frozen = par.place_params(params), None
     elif args.method == "probe":
-        trainable, frozen = lora_jax.split(params, trainable=HEAD)
+        trainable, frozen = lora_jax.split(par.place_params(params), trainable=HEAD)
     else:
         targets = args.targets or bert.LORA_TARGETS
         # axis roles read from how the model uses each kernel (a shape alone cannot say)
         ids = jnp.zeros((1, args.max_len), jnp.int32)
         layout = lora_jax.layout_of(lambda p, ids: model.apply({"params": p}, ids, jnp.ones_like(ids)),
                                     params, ids)
+        params = par.place_params(params, layout)  # FSDP: adapters are then created split like their kernels
         try:
             adapted = lora_jax.apply(params, args.rank, alpha=args.alpha, targets=targets, layout=layout,
-                                     dropout=args.lora_dropout, key=jax.random.fold_in(base, 1))
+                                     dropout=args.lora_dropout, key=jax.random.fold_in(base, 1),
+                                     adapter_dtype=jnp.promote_types(dtype, jnp.float32))
         except ValueError as e:
             raise ConfigError(f"--targets {targets!r}: {e}") from e
         trainable, frozen = lora_jax.split(adapted, trainable=HEAD)
     schedule = make_schedule(args)
-    optimizer = make_optimizer(args.method, schedule, args.weight_decay)
+    optimizer = make_optimizer(args.method, schedule, args.weight_decay,
+                               compute_dtype=jnp.promote_types(dtype, jnp.float32))
     return Setup(model, trainable, frozen, optimizer, schedule, num_params, loop.count(trainable), model_bytes)
 
 
-def make_steps(setup: Setup, method: str, cache_key=None):
-    """(train_step, eval_step), jitted. Runs of one process that give the same `cache_key` (same
-    model, method and optimizer settings: the seeds of a benchmark) share them, so they compile once."""
-    return loop.memo_steps(cache_key, lambda: _make_steps(setup, method))
+def make_steps(setup: Setup, method: str, cache_key=None, par: parallel.Parallel | None = None):
+    """(train_step, eval_step), compiled for the layout `par` (default one device). Runs of one
+    process that give the same `cache_key` (same model, method, optimizer settings and layout: the
+    seeds of a benchmark) share them, so they compile once."""
+    par = par or parallel.Parallel("single")
+    return loop.memo_steps(cache_key, lambda: _make_steps(setup, method, par))
 
 
-def _make_steps(setup: Setup, method: str):
+def _make_steps(setup: Setup, method: str, par: parallel.Parallel):
     import jax
     import jax.numpy as jnp
     import optax
@@ -220,11 +233,7 @@ def _make_steps(setup: Setup, method: str):
                      batch["token_type_ids"], deterministic=False, rngs={"dropout": key})
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(tr, opt_state, fr, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(tr, fr, batch, key)
-        updates, opt_state = opt.update(grads, opt_state, tr)
-        return optax.apply_updates(tr, updates), opt_state, loss
+    train_step = par.train_step(loss_fn, opt)
 
     @jax.jit
     def eval_step(tr, fr, batch, valid):
@@ -256,12 +265,13 @@ def load_split(model_dir, dataset, split, max_len, data_dir, limit) -> dict:
 _KEYS = ("input_ids", "attention_mask", "token_type_ids", "label")
 
 
-def evaluate(eval_step, tr, fr, data: dict, batch_size: int) -> tuple[float, float]:
+def evaluate(eval_step, tr, fr, data: dict, batch_size: int, put=None) -> tuple[float, float]:
     """(accuracy, mean loss) over all of `data`, no dropout.
 
     Examples are taken in order of length and each batch is cut to its longest example (rounded up
     to a multiple of 16, so only a few shapes compile): padding positions are masked anyway, so this
-    only saves time. The last batch is padded and masked.
+    only saves time. The last batch is padded and masked. `put` places a batch (a dict of NumPy
+    arrays) on the devices: `jnp.asarray` by default, `train.parallel.Parallel.eval_batch` on a mesh.
     """
     import jax.numpy as jnp
 
@@ -278,8 +288,10 @@ def evaluate(eval_step, tr, fr, data: dict, batch_size: int) -> tuple[float, flo
         valid = (pos < n).astype(np.float32)
         idx = order[np.minimum(pos, n - 1)]
         cut = min(full_len, int(-(-max(int(lengths[idx].max()), 1) // 16) * 16))
-        batch = {k: jnp.asarray(data[k][idx][:, :cut] if k != "label" else data[k][idx]) for k in _KEYS}
-        l, c = eval_step(tr, fr, batch, jnp.asarray(valid))
+        batch = {k: data[k][idx][:, :cut] if k != "label" else data[k][idx] for k in _KEYS}
+        batch["valid"] = valid
+        batch = put(batch) if put is not None else {k: jnp.asarray(v) for k, v in batch.items()}
+        l, c = eval_step(tr, fr, batch, batch.pop("valid"))
         loss_sum += float(l)
         correct += float(c)
     return correct / n, loss_sum / n
@@ -297,39 +309,42 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
     spec = DATASETS[args.dataset]
     model_dir = resolve_model(args.model)
+    par = parallel.from_args(args)
+    par.check_batch(args.batch_size)
     run_dir = loop.prepare_run_dir(args)
 
     # Everything that can be refused is checked before any data is loaded or step is taken.
-    setup = build(args, model_dir, spec.num_classes)  # --targets matching nothing fails here
-
-    import jax.numpy as jnp
+    setup = build(args, model_dir, spec.num_classes, par)  # --targets matching nothing fails here
 
     config = {k: getattr(args, k) for k in _TRAJECTORY}
     config["model_dir"] = str(model_dir)
     fr = setup.frozen
+    # the optimizer state is created where the trainable half lives (moments split like their weights)
     opened = loop.open_run(args, run_dir, config, _TRAJECTORY, setup.trainable,
-                           setup.optimizer.init(setup.trainable))
+                           par.on_devices(setup.optimizer.init(setup.trainable)))
 
     train = load_split(model_dir, args.dataset, spec.train_split, args.max_len, args.data_dir, args.train_limit)
     evald = load_split(model_dir, args.dataset, spec.eval_split, args.max_len, args.data_dir, args.eval_limit)
     train_eval = {k: v[:args.train_eval_limit] for k, v in train.items()} if args.train_eval_limit else None
     order = BatchOrder(args.seed, len(train["label"]), args.batch_size)
-    cache_key = (str(model_dir), args.pooling, args.dropout, *(config[k] for k in
+    cache_key = (str(model_dir), args.pooling, args.dropout, args.dtype, *(config[k] for k in
                  ("method", "rank", "alpha", "targets", "lr", "steps", "warmup_ratio", "schedule",
-                  "weight_decay", "lora_dropout")), spec.num_classes)
-    train_step, eval_step = make_steps(setup, args.method, cache_key)
+                  "weight_decay", "lora_dropout")), spec.num_classes, par.key())
+    train_step, eval_step = make_steps(setup, args.method, cache_key, par)
 
     def do_eval(tr) -> dict:
-        acc, loss = evaluate(eval_step, tr, fr, evald, args.eval_batch_size)
+        acc, loss = evaluate(eval_step, tr, fr, evald, args.eval_batch_size, par.eval_batch)
         rec = {"eval_acc": acc, "eval_loss": loss}
         if train_eval is not None:
-            rec["train_eval_loss"] = evaluate(eval_step, tr, fr, train_eval, args.eval_batch_size)[1]
+            rec["train_eval_loss"] = evaluate(eval_step, tr, fr, train_eval, args.eval_batch_size,
+                                              par.eval_batch)[1]
         return rec
 
-    res = loop.train_loop(opened, train_step=train_step, frozen=fr, schedule=setup.schedule, order=order,
-                          get_batch=lambda idx: {k: jnp.asarray(train[k][idx]) for k in _KEYS},
+    opened.tr, opened.opt_state = par.for_step((opened.tr, opened.opt_state))  # pmap: a copy per device
+    res = loop.train_loop(opened, train_step=train_step, frozen=par.for_step(fr), schedule=setup.schedule,
+                          order=order, get_batch=lambda idx: par.batch({k: train[k][idx] for k in _KEYS}),
                           evaluate=do_eval, bar_metric="eval_acc", model_bytes=setup.model_bytes,
-                          desc=f"{args.method} s{args.seed}")
+                          desc=f"{args.method} s{args.seed}", view=par.unreplicated)
     tr, final, common = res.tr, res.final, res.common_summary()
     summary = {
         "method": args.method,
@@ -348,11 +363,13 @@ def run(args: argparse.Namespace) -> dict:
         "params_sha256": common["params_sha256"],
         "run_dir": str(run_dir),
     }
+    summary["layout"] = par.describe()
     if args.export_peft is not None:
         summary["peft_dir"] = str(export_peft(args, setup, tr, fr, model_dir))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if not args.no_plot:
-        plot_runs(args.out)
+    if loop.is_primary():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if not args.no_plot:
+            plot_runs(args.out)
     return summary
 
 
@@ -365,9 +382,15 @@ def export_peft(args, setup: Setup, tr, fr, model_dir) -> Path:
         print(f"--export-peft: trained with --pooling {args.pooling}; transformers' "
               "BertForSequenceClassification pools with the tanh pooler on [CLS] (our --pooling pooler), "
               "so its logits will differ; the encoder adapters are exported all the same", file=sys.stderr)
-    out = peft_format.export_peft(args.export_peft, lora_jax.combine(tr, fr), setup.model.config,
-                                  base_model_name_or_path=str(model_dir))
-    print(f"PEFT adapter written to {out}", file=sys.stderr)
+    import jax
+
+    # every process takes part in gathering the split arrays; process 0 writes
+    tree = jax.tree_util.tree_map(parallel.to_host, lora_jax.combine(tr, fr))
+    out = Path(args.export_peft)
+    if loop.is_primary():
+        out = peft_format.export_peft(args.export_peft, tree, setup.model.config,
+                                      base_model_name_or_path=str(model_dir))
+        print(f"PEFT adapter written to {out}", file=sys.stderr)
     return out
 
 
@@ -389,8 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
     `train.checkpoint.CheckpointError`); the command line turns them into a message and exit 2.
     """
     args = parse_args(argv)
+    parallel.init_distributed(args)  # before anything touches a device
     summary = run(args)
-    print(format_summary(summary))
+    if loop.is_primary():
+        print(format_summary(summary))
     return summary
 
 

@@ -142,16 +142,18 @@ def make_schedule(args):
     return optax.warmup_cosine_decay_schedule(0.0, args.lr, warm, max(args.steps, warm + 1), end_value=0.0)
 
 
-def make_optimizer(method: str, schedule, weight_decay: float):
+def make_optimizer(method: str, schedule, weight_decay: float, compute_dtype=None):
+    """The method's optimizer; `compute_dtype` is LoRA-Pro's (float32 by default; float64 for a
+    float64 model, so that nothing in the step rounds to float32)."""
     import optax
 
     import lora_jax
 
-    if method == "lora-pro-adamw":
-        return lora_jax.lora_pro_adamw(schedule, weight_decay=weight_decay)  # non-LoRA leaves get AdamW inside
+    if method == "lora-pro-adamw":  # non-LoRA leaves get AdamW inside
+        return lora_jax.lora_pro_adamw(schedule, weight_decay=weight_decay, compute_dtype=compute_dtype)
     adamw = optax.adamw(schedule, weight_decay=weight_decay)
     if method == "lora-pro":
-        return optax.chain(lora_jax.lora_pro(), adamw)
+        return optax.chain(lora_jax.lora_pro(compute_dtype=compute_dtype), adamw)
     return adamw
 
 
@@ -261,17 +263,33 @@ def plot_runs(out: str | os.PathLike, path: str | os.PathLike | None = None, smo
 # the run
 
 
+def is_primary() -> bool:
+    from train.parallel import is_primary as primary
+
+    return primary()
+
+
+def sync(name: str) -> None:
+    from train.parallel import sync as barrier
+
+    barrier(name)
+
+
 def prepare_run_dir(args) -> Path:
     """``--out/<name>`` (name: ``<method>-s<seed>`` unless ``--name``); an existing non-empty one
     needs ``--resume`` or ``--overwrite`` (which deletes it)."""
     run_dir = Path(args.out) / (args.name or f"{args.method}-s{args.seed}")
     if run_dir.exists() and not args.resume:
         if args.overwrite:
-            shutil.rmtree(run_dir)
+            sync("prepare_run_dir:check")  # every process has looked before process 0 deletes
+            if is_primary():
+                shutil.rmtree(run_dir)
         elif any(run_dir.iterdir()):
             raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or "
                               f"--overwrite to start again")
+    sync("prepare_run_dir")
     return run_dir
+
 
 
 @dataclasses.dataclass
@@ -303,9 +321,11 @@ def open_run(args, run_dir: Path, config: dict, trajectory, tr, opt_state) -> Ru
     if args.resume:
         step0 = ckpt.latest_step()
         if step0 is None:
-            print(f"--resume: no finalized checkpoint in {ckpt.directory}; starting at step 0", file=sys.stderr)
-            if metrics_path.exists():
-                metrics_path.unlink()
+            sync("open_run:none")
+            if is_primary():
+                print(f"--resume: no finalized checkpoint in {ckpt.directory}; starting at step 0", file=sys.stderr)
+                if metrics_path.exists():
+                    metrics_path.unlink()
         else:
             (tr, opt_state), meta = ckpt.restore((tr, opt_state), step0)
             diff = {k: (meta["config"].get(k), config[k]) for k in trajectory if meta["config"].get(k) != config[k]}
@@ -314,10 +334,13 @@ def open_run(args, run_dir: Path, config: dict, trajectory, tr, opt_state) -> Ru
                                   f"settings (saved vs now): {diff}")
             start = int(meta["step"])
             kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
-            write_lines_atomic(metrics_path, kept)
-            print(f"resumed from {ckpt.step_dir(step0)} at step {start}", file=sys.stderr)
+            sync("open_run:read")
+            if is_primary():
+                write_lines_atomic(metrics_path, kept)
+                print(f"resumed from {ckpt.step_dir(step0)} at step {start}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=1))
+    if is_primary():
+        (run_dir / "config.json").write_text(json.dumps(config, indent=1))
     return Run(args, run_dir, config, ckpt, tr, opt_state, start)
 
 
@@ -340,6 +363,7 @@ class LoopResult:
         import jax
 
         from train.checkpoint import tree_checksum
+        from train.parallel import to_host
 
         losses = self.losses
         tail = max(1, len(losses) // 10)
@@ -349,17 +373,23 @@ class LoopResult:
             "sec_per_step": float(np.median(self.times)) if self.times else None,
             "wall_s": self.wall,
             "checkpoint_bytes": self.checkpoint_bytes,
-            "params_sha256": tree_checksum(jax.tree_util.tree_leaves(self.tr))[0],
+            "params_sha256": tree_checksum([to_host(x) for x in jax.tree_util.tree_leaves(self.tr)])[0],
         }
 
 
 def train_loop(run: Run, *, train_step, frozen, schedule, order: BatchOrder, get_batch: Callable,
-               evaluate: Callable[[Any], dict], bar_metric: str, model_bytes: int, desc: str) -> LoopResult:
+               evaluate: Callable[[Any], dict], bar_metric: str, model_bytes: int, desc: str,
+               view: Callable[[Any], Any] = lambda t: t) -> LoopResult:
     """Steps ``run.start .. args.steps``: batch ``get_batch(order.indices(step))``, one
     ``train_step(tr, opt_state, frozen, batch, key_step)``; a metrics line per step
     (``step, loss, lr, sec_per_step``) plus ``evaluate(tr)``'s dict every ``--eval-every`` steps and
     at the end; a checkpoint every ``--ckpt-every`` steps and at the end. A non-finite loss raises
-    `FloatingPointError`."""
+    `FloatingPointError`.
+
+    `view` maps the step's own form of ``(tr, opt_state)`` to the one checkpoints, `evaluate` and the
+    result hold (pmap's per-device copies → one copy: `train.parallel.Parallel.unreplicated`). With
+    several processes every process runs this loop in step (the same jitted calls in the same
+    order); only process 0 writes metrics and shows the bar."""
     import jax
     from tqdm import tqdm
 
@@ -368,9 +398,12 @@ def train_loop(run: Run, *, train_step, frozen, schedule, order: BatchOrder, get
     step_base = jax.random.fold_in(jax.random.key(args.seed), 2)
     ckpt_bytes = None
     times = []
-    bar = tqdm(total=args.steps, initial=start, disable=args.quiet, dynamic_ncols=True, desc=desc, file=sys.stderr)
+    primary = is_primary()
+    bar = tqdm(total=args.steps, initial=start, disable=args.quiet or not primary, dynamic_ncols=True, desc=desc,
+               file=sys.stderr)
     t_run = time.perf_counter()
-    with open(run.metrics_path, "a") as mf:
+    final = None
+    with open(run.metrics_path if primary else os.devnull, "a") as mf:
         for step in range(start, args.steps):
             batch = get_batch(order.indices(step))
             t0 = time.perf_counter()
@@ -384,7 +417,8 @@ def train_loop(run: Run, *, train_step, frozen, schedule, order: BatchOrder, get
                 raise FloatingPointError(f"loss is {loss} at step {done}; lower --lr")
             rec = {"step": done, "loss": loss, "lr": float(schedule(step)), "sec_per_step": dt}
             if done % args.eval_every == 0 or done == args.steps:
-                rec.update(evaluate(tr))
+                rec.update(evaluate(view(tr)))
+                final = rec
                 bar.set_postfix(loss=f"{loss:.3f}", **{bar_metric: f"{rec[bar_metric]:.3f}"})
             elif done % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -394,12 +428,13 @@ def train_loop(run: Run, *, train_step, frozen, schedule, order: BatchOrder, get
             meta = {"config": run.config,
                     "data_state": {"epoch": epoch, "batch_in_epoch": pos, "seed": args.seed},
                     "rng_state": {"dropout": f"fold_in(fold_in(key({args.seed}), 2), step)"}}
-            if ckpt.save(done, (tr, opt_state), meta, force=done == args.steps):
+            if ckpt.save(done, view((tr, opt_state)), meta, force=done == args.steps):
                 if ckpt_bytes is None:
                     ckpt_bytes = ckpt.size_bytes(done)
-                    bar.write(f"checkpoint {ckpt.step_dir(done)}: {ckpt_bytes / 1e6:.2f} MB "
-                              f"(trainable half + optimizer state); full model parameters: "
-                              f"{model_bytes / 1e6:.2f} MB")
+                    if primary:
+                        bar.write(f"checkpoint {ckpt.step_dir(done)}: {ckpt_bytes / 1e6:.2f} MB "
+                                  f"(trainable half + optimizer state); full model parameters: "
+                                  f"{model_bytes / 1e6:.2f} MB")
             bar.update(1)
     bar.close()
     wall = time.perf_counter() - t_run
@@ -408,9 +443,9 @@ def train_loop(run: Run, *, train_step, frozen, schedule, order: BatchOrder, get
         ckpt_bytes = ckpt.size_bytes(last)
     ckpt.close()
 
+    sync("train_loop:end")  # process 0 has written its last metrics line
+    tr, opt_state = view((tr, opt_state))
     recs = read_metrics(run.metrics_path)
-    evals = [r for r in recs if bar_metric in r]
-    final = evals[-1] if evals else {}
-    if not evals or final.get("step") != args.steps:  # resumed after the final step: evaluate now
+    if final is None:  # resumed at the final step: evaluate now (in every process alike)
         final = {"step": args.steps, **evaluate(tr)}
     return LoopResult(tr, opt_state, times, wall, ckpt_bytes, recs, final)
