@@ -88,9 +88,15 @@ LAYOUTS = {"one": [], "data8": ["--mesh", "data=8"], "data4fsdp2": ["--mesh", "d
            "fsdp8": ["--mesh", "fsdp=8"], "pmap": ["--pmap"]}
 
 
-def test_layouts_on_8_devices_match_one_device(tiny, tmp_path):
+FAST = [("lora-pro", "one"), ("lora-pro", "data8"), ("lora-pro", "pmap"),
+        ("lora-pro-adamw", "one"), ("lora-pro-adamw", "data4fsdp2")]
+EVERY = [(m, name) for m in ("lora-pro", "lora-pro-adamw") for name in LAYOUTS]
+
+
+@pytest.mark.parametrize("runs", [pytest.param(FAST, id="some"),
+                                  pytest.param(EVERY, id="every", marks=pytest.mark.slow)])
+def test_layouts_on_8_devices_match_one_device(tiny, tmp_path, runs):
     """LoRA-Pro (both modes): data parallel, FSDP and pmap give one device's parameters (≤ 1e-5)."""
-    runs = [(m, name) for m in ("lora-pro", "lora-pro-adamw") for name in LAYOUTS]
     code = textwrap.dedent(f"""
         import jax
         from train import classify
@@ -104,12 +110,9 @@ def test_layouts_on_8_devices_match_one_device(tiny, tmp_path):
     """)
     out = _python(code, 8)
     assert out.count("RUN") == len(runs), out
-    errors = {}
-    for method in ("lora-pro", "lora-pro-adamw"):
-        ref = _state(tmp_path / f"{method}-one", STEPS)
-        for name in LAYOUTS:
-            if name != "one":
-                errors[method, name] = _max_rel(_state(tmp_path / f"{method}-{name}", STEPS), ref)
+    errors = {(method, name): _max_rel(_state(tmp_path / f"{method}-{name}", STEPS),
+                                       _state(tmp_path / f"{method}-one", STEPS))
+              for method, name in runs if name != "one"}
     print("max relative difference to one device after", STEPS, "steps:", errors)
     assert all(e <= 1e-5 for e in errors.values()), errors
     # and they did train: the parameters moved
@@ -245,6 +248,7 @@ def _restore(run_dir: Path, argv: list[str], devices: int, out: Path) -> list[np
         return [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
+@pytest.mark.slow  # ~3 min on 2 cores
 def test_two_processes_match_one_and_checkpoints_cross_meshes(tiny, tmp_path):
     """A real two-process jax.distributed run (4 CPU devices each, FSDP over all 8) resumes a run
     checkpointed by one single-device process and ends where the uninterrupted single-device run

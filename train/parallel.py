@@ -304,13 +304,15 @@ class Parallel:
         import jax
         import optax
 
-        if self.kind != "pmap":
-            @functools.partial(jax.jit, donate_argnums=(0, 1))
-            def step(tr, opt_state, fr, batch, key):
-                loss, grads = jax.value_and_grad(loss_fn)(tr, fr, batch, key)
-                updates, opt_state = optimizer.update(grads, opt_state, tr)
-                return optax.apply_updates(tr, updates), opt_state, loss
-            return step
+        def one_step(tr, opt_state, fr, batch, key):
+            loss, grads = jax.value_and_grad(loss_fn)(tr, fr, batch, key)
+            updates, opt_state = optimizer.update(grads, opt_state, tr)
+            return optax.apply_updates(tr, updates), opt_state, loss
+
+        if self.kind == "single":
+            return jax.jit(one_step, donate_argnums=(0, 1))
+        if self.kind == "mesh":
+            return _PinnedStep(one_step, self.mesh)
 
         def device_step(tr, opt_state, fr, batch, key):
             key = jax.random.fold_in(key, jax.lax.axis_index(BATCH_AXIS))  # own dropout mask per device
@@ -327,6 +329,33 @@ class Parallel:
             tr, opt_state, loss = stepped(tr, opt_state, fr, batch, key)
             return tr, opt_state, loss[0]
         return step
+
+
+class _PinnedStep:
+    """A mesh step whose new trainable half and optimizer state keep the shardings they came in
+    with (left to itself, sharding propagation may hand back e.g. replicated adapters split, so the
+    next step would compile again for another layout); one compiled step per input layout."""
+
+    def __init__(self, fn, mesh):
+        self.fn, self.mesh, self.jitted = fn, mesh, {}
+
+    def _for(self, tr, opt_state):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        leaves, treedef = jax.tree_util.tree_flatten((tr, opt_state))
+        key = (treedef, tuple(x.sharding for x in leaves))
+        if key not in self.jitted:
+            state_out = jax.tree_util.tree_unflatten(treedef, list(key[1]))
+            self.jitted[key] = jax.jit(self.fn, donate_argnums=(0, 1),
+                                       out_shardings=(*state_out, NamedSharding(self.mesh, P())))
+        return self.jitted[key]
+
+    def __call__(self, tr, opt_state, fr, batch, key):
+        return self._for(tr, opt_state)(tr, opt_state, fr, batch, key)
+
+    def lower(self, tr, opt_state, fr, batch, key):
+        return self._for(tr, opt_state).lower(tr, opt_state, fr, batch, key)
 
 
 def put_global(x, sharding):
