@@ -5,6 +5,7 @@ same steps and learning-rate sweep for each method, then seeds at each method's 
     python -m bench.lm_sweep                 # the sweep (runs whose summary.json exists are skipped)
     python -m bench.lm_sweep --summarise     # the tables, from the run directories
     python -m bench.lm_sweep --samples 5     # held-out replies where base / LoRA / LoRA-Pro differ
+    python -m bench.lm_sweep --timing-rounds 6   # 4-bit vs float32 base step time, interleaved
 
 What it runs, in order, into ``--out`` (default ``runs/lm-sweep``):
 
@@ -191,6 +192,55 @@ def samples(out: Path, n: int) -> None:
             print(f"  {m:9s} [{'right' if s['correct'] else 'wrong'}] {s['reply']!r}")
 
 
+def interleaved_timing(model: str, rounds: int, batch_size: int, method: str = "lora") -> None:
+    """The compiled `train.lm` train step on the 4-bit and on the float32 base in one process,
+    alternating (q4, f32, f32, q4, ...) for `rounds` rounds on the same batches, so load from other
+    jobs falls on both alike; prints the median and quartiles of each, and their memory analysis."""
+    import jax
+    import jax.numpy as jnp
+
+    from train import arith, lm, loop
+
+    path = lm.resolve_model(model)
+    runs = {}
+    for base in ("q4", "f32"):
+        args = lm.parse_args(["--model", model, "--method", method, "--base", base, "--batch-size", str(batch_size),
+                              "--steps", str(2 * rounds + 2), "--lr", "1e-3"])
+        setup = lm.build(args, path)
+        probs = arith.problems("train", args.train_limit, args.data_seed)
+        max_len = arith.longest_example(setup.tokenizer, probs)
+        data = arith.encode(setup.tokenizer, probs, max_len, pad_id=arith.end_of_turn_id(setup.tokenizer))
+        order = loop.BatchOrder(0, len(data["input_ids"]), batch_size)
+        batches = [{k: jnp.asarray(data[k][order.indices(i)]) for k in ("input_ids", "attention_mask", "loss_mask")}
+                   for i in range(2 * rounds + 2)]
+        train_step, _ = lm.make_steps(setup, method)
+        key = jax.random.key(0)
+        opt_state = setup.optimizer.init(setup.trainable)
+        t0 = time.perf_counter()
+        step = train_step.lower(setup.trainable, opt_state, setup.frozen, batches[0], key).compile()
+        compile_s = time.perf_counter() - t0
+        runs[base] = {"step": step, "tr": setup.trainable, "opt": opt_state, "fr": setup.frozen,
+                      "times": [], "mem": step.memory_analysis(), "compile_s": compile_s,
+                      "frozen_bytes": loop.nbytes(setup.frozen)}
+    for i in range(2 * rounds + 2):  # the first round of each: warm-up, not timed
+        for base in (("q4", "f32") if i % 2 == 0 else ("f32", "q4")):
+            r = runs[base]
+            t0 = time.perf_counter()
+            r["tr"], r["opt"], loss = r["step"](r["tr"], r["opt"], r["fr"], batches[i], key)
+            jax.block_until_ready(loss)
+            if i >= 2:
+                r["times"].append(time.perf_counter() - t0)
+    print(f"{method} train step, batch {batch_size}, {len(runs['q4']['times'])} interleaved steps each "
+          f"({jax.devices()[0].platform}, jax {jax.__version__}):")
+    for base, r in runs.items():
+        t, m = np.asarray(r["times"]), r["mem"]
+        print(f"  {base:3s}: {np.median(t):.2f} s/step (quartiles {np.percentile(t, 25):.2f}-{np.percentile(t, 75):.2f}), "
+              f"frozen base {_mib(r['frozen_bytes'])}, arguments {_mib(m.argument_size_in_bytes)}, "
+              f"temp {_mib(m.temp_size_in_bytes)}, compiled in {r['compile_s']:.0f} s")
+    q, f = runs["q4"], runs["f32"]
+    print(f"  q4/f32 median step time {np.median(q['times']) / np.median(f['times']):.2f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,7 +257,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--summarise", action="store_true")
     ap.add_argument("--samples", type=int, default=0)
+    ap.add_argument("--timing-rounds", type=int, default=0,
+                    help="only time the 4-bit vs float32 base train step, interleaved in one process")
     a = ap.parse_args(argv)
+    if a.timing_rounds:
+        interleaved_timing(a.model, a.timing_rounds, a.batch_size)
+        return
     if a.summarise or a.samples:
         if a.summarise:
             summarise(Path(a.out))
