@@ -175,10 +175,14 @@ def samples(out: Path, n: int) -> None:
         return
     shown = 0
     qs = list(base)
-    # first where LoRA and LoRA-Pro disagree, then where both fixed a base error
-    order = ([q for q in qs if per["lora"][q]["correct"] != per["lora-pro"][q]["correct"]]
-             + [q for q in qs if not base[q]["base_correct"] and per["lora"][q]["correct"]
-                and per["lora-pro"][q]["correct"]])
+    # first where LoRA and LoRA-Pro disagree (taking each side's wins in turn), then where both
+    # fixed a base error
+    wins = {m: [q for q in qs if per[m][q]["correct"] and not per[o][q]["correct"]]
+            for m, o in (("lora", "lora-pro"), ("lora-pro", "lora"))}
+    turns = [q for pair in zip(wins["lora-pro"] + [None] * len(qs), wins["lora"] + [None] * len(qs))
+             for q in pair if q is not None]
+    order = turns + [q for q in qs if not base[q]["base_correct"] and per["lora"][q]["correct"]
+                     and per["lora-pro"][q]["correct"]]
     seen = set()
     for q in order:
         if q in seen or shown >= n:
