@@ -59,3 +59,85 @@ def test_lora_pro_step_on_8_devices_matches_one_device():
                           env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
+
+
+SHARDINGS = textwrap.dedent(r"""
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import lora_jax
+    from lora_jax.lora_pro import _full_shape
+
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    def put(x, *spec):
+        return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    rng = np.random.default_rng(0)
+    params = {
+        "dense": put(rng.normal(size=(16, 8)).astype(np.float32), "fsdp", None),       # io, in split
+        "stack": put(rng.normal(size=(3, 16, 8)).astype(np.float32), None, None, "fsdp"),  # scan-stacked, out split
+        "query": put(rng.normal(size=(16, 4, 2)).astype(np.float32), "fsdp", None, None),  # DenseGeneral ioo
+        "out": put(rng.normal(size=(4, 2, 16)).astype(np.float32), None, None, "fsdp"),    # iio
+    }
+    layout = {"dense": "io", "stack": "io", "query": "ioo", "out": "iio"}
+    adapted = lora_jax.apply(params, 2, layout=layout, init="gaussian", key=jax.random.key(1))
+    want = {"dense": (P("fsdp", None), P(None, None)), "stack": (P(None, None, None), P(None, None, "fsdp")),
+            "query": (P("fsdp", None), P(None, None, None)), "out": (P(None, None, None), P(None, "fsdp"))}
+    for k, (sa, sb) in want.items():
+        node = adapted[k]
+        assert node.a.sharding.spec == sa and node.b.sharding.spec == sb, (k, node.a.sharding, node.b.sharding)
+        assert node.w.sharding == params[k].sharding  # w untouched
+    # give b nonzero values so merge has something to add
+    adapted = {k: lora_jax.LoRA(w=n.w, a=n.a, b=n.b + 0.1, scale=n.scale, roles=n.roles) for k, n in adapted.items()}
+    tr, fr = lora_jax.split(adapted)
+    back = lora_jax.combine(tr, fr)
+    for k in params:
+        assert back[k].a.sharding == adapted[k].a.sharding and back[k].w.sharding == params[k].sharding
+        merged = lora_jax.merge(back)[k]
+        assert merged.sharding.spec == params[k].sharding.spec, (k, merged.sharding)
+        np.testing.assert_allclose(merged, np.asarray(params[k]) + np.asarray(adapted[k].delta()), rtol=1e-5, atol=1e-6)
+    # LoRA-Pro AdamW's moments (kept as (*batch, I, O)) are split like w
+    state = lora_jax.lora_pro_adamw(1e-3).init(tr)
+    moments = {"dense": P("fsdp", None), "stack": P(None, None, "fsdp"), "query": P("fsdp", None),
+               "out": P(None, "fsdp")}
+    for k, spec in moments.items():
+        assert state.mu[k].sharding.spec == spec and state.nu[k].sharding.spec == spec, (k, state.mu[k].sharding)
+        assert state.mu[k].shape == _full_shape(tr[k])
+    # a jitted step of either LoRA-Pro mode keeps every sharding and gathers no frozen weight
+    x = put(rng.normal(size=(8, 16)).astype(np.float32), ("data", "fsdp"))
+    fwd = lora_jax.wrap(lambda p, x: jnp.tanh(x @ p["dense"]).sum() + jnp.einsum("lio,bi->blo", p["stack"], x).sum()
+                        + jnp.tanh(jnp.einsum("ihd,bi->bhd", p["query"], x)).sum()
+                        + jnp.einsum("hdo,bo->bhd", p["out"], x).sum())
+    for opt in (optax.chain(lora_jax.lora_pro(), optax.adam(1e-2)), lora_jax.lora_pro_adamw(1e-2)):
+        st = opt.init(tr)  # the step count is made on one device: replicate it on the mesh
+        st = jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else put(a), st)
+        def step(tr, st, fr, x):
+            g = jax.grad(lambda t: fwd(lora_jax.combine(t, fr), x))(tr)
+            u, st = opt.update(g, st, tr)
+            return optax.apply_updates(tr, u), st
+        shardings = jax.tree.map(lambda a: a.sharding, (tr, st))
+        step = jax.jit(step, out_shardings=shardings)
+        new_tr, new_st = step(tr, st, fr, x)
+        assert jax.tree.map(lambda a: a.sharding, (new_tr, new_st)) == shardings
+        hlo = step.lower(tr, st, fr, x).compile().as_text()
+        # FSDP may gather a weight for the product that uses it (XLA's choice at this tiny batch:
+        # cheaper than moving activations); never for anything else (the optimizer, a materialised w)
+        import re
+        shapes = {tuple(sorted(v.shape)) for v in params.values()}
+        for line in hlo.splitlines():
+            m = re.search(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", line)
+            if m and tuple(sorted(int(d) for d in m.group(1).split(",") if d)) in shapes:
+                assert re.search(r'op_name="[^"]*dot_general"', line), f"a frozen weight gathered outside its product: {line}"
+    print("OK")
+""")
+
+
+def test_library_keeps_shardings():
+    """apply creates factors split like their weight (every role layout, stacked axes too); split,
+    combine and merge keep shardings; LoRA-Pro AdamW's moments are split like w; jitted LoRA-Pro
+    steps (both modes) keep every sharding and all-gather a frozen weight only for its own product."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SHARDINGS], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
+    assert "OK" in proc.stdout

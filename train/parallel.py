@@ -274,14 +274,12 @@ class Parallel:
         unchanged otherwise."""
         import jax
 
-        if self.kind == "pmap":  # (jax.device_put_replicated is deprecated: its documented replacement)
-            import jax.numpy as jnp
-            from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-            devices = jax.local_devices()
-            stacked = NamedSharding(Mesh(np.array(devices), ("devices",)), P("devices"))
-            return jax.tree_util.tree_map(
-                lambda x: jax.device_put(jnp.broadcast_to(x[None], (len(devices),) + x.shape), stacked), tree)
+        if self.kind == "pmap":
+            # copied by a pmap itself, so the copies carry the sharding the step's outputs will have
+            # (a device_put to a NamedSharding would make the second step compile again)
+            n = jax.local_device_count()
+            copy = jax.pmap(lambda _, t: t, in_axes=(0, None), axis_name=BATCH_AXIS)
+            return copy(np.zeros(n, np.int8), tree)
         return tree
 
     def unreplicated(self, tree):
