@@ -14,7 +14,9 @@ attention_mask, token_type_ids, labels) and the job:
   key names) or ``peft_dir`` (``PeftModel.from_pretrained``) the PEFT model unmerged and merged;
 * ``train``: ``steps`` training steps of ``method`` (full | lora | lora_pro_full |
   lora_pro_efficient) from the given adapters; writes the adapters (PEFT key names) and losses;
-  ``ref_patches`` lists alignments applied to lora-pro-adamw (see bench/lora_pro_reference_differences.py);
+  ``ref_patches`` lists alignments applied to lora-pro-adamw (full mode: ``no_step0_branch``,
+  ``fp32_v``; efficient mode: ``undamped_sylvester``, ``native_adam_dtype``; see
+  `patched_reference`, `patched_efficient` and bench/lora_pro_reference_differences.py);
 * ``grads``: one forward and backward of the PEFT model with the given adapters: the raw
   gradients of lora_A/lora_B and the head under PEFT's names;
 * ``peft_train_save``: PEFT's own init (``seed``), ``steps`` AdamW steps, ``save_pretrained`` to
@@ -161,6 +163,36 @@ def patched_reference(patches):
     return ns["lorapro_full_adjustment"]
 
 
+def patched_efficient(patches):
+    """lora_pro._lorapro.lorapro_efficient_adjustment with the named source edits applied:
+
+    * ``undamped_sylvester``: X solves ``(BᵀB) X + X (AAᵀ) = C`` with the undamped Gram matrices
+      (the shipped code passes ``SB + 1e-6·I`` and ``SA + 1e-6·I``, so its X has denominators
+      λ_i + μ_j + 2e-6 in the eigenbases); its damped inverses of BᵀB and AAᵀ (the C, gA', the
+      projector and (AAᵀ)⁻¹) are kept — lora_jax.lora_pro(damping=1e-6) damps those alike.
+    * ``native_adam_dtype``: its Adam normalisation ``m̂/(√v̂+ε)`` in the moments' own dtype (the
+      shipped code takes ``mA.float()`` etc.: float32 even for float64 factors; a no-op in float32).
+    Returns the patched ``lorapro_efficient_adjustment``."""
+    from lora_pro import _lorapro
+
+    src = inspect.getsource(_lorapro.lorapro_efficient_adjustment)
+    if "native_adam_dtype" in patches:
+        olds = [f"{m}.float() / bias{i}" for m, i in (("mA", 1), ("vA", 2), ("mB", 1), ("vB", 2))]
+        if any(src.count(o) != 1 for o in olds):
+            raise SystemExit("lora-pro-adamw changed: float32 Adam normalisation not found")
+        for o in olds:
+            src = src.replace(o, o.replace(".float()", ""))
+    if "undamped_sylvester" in patches:
+        olds = ["X = _solve_sylvester_vec(SB_reg, SA_reg, C)", "X = _solve_sylvester(SB_reg, SA_reg, C)"]
+        if any(src.count(o) != 1 for o in olds):
+            raise SystemExit("lora-pro-adamw changed: damped Sylvester calls not found")
+        for o in olds:
+            src = src.replace(o, o.replace("SB_reg, SA_reg", "SB, SA"))
+    ns = dict(vars(_lorapro))
+    exec(compile(src, "<patched lorapro_efficient_adjustment>", "exec"), ns)
+    return ns["lorapro_efficient_adjustment"]
+
+
 def make_optimizer(method, model, spec):
     lr, wd = spec["lr"], spec.get("weight_decay", 0.0)
     betas, eps = tuple(spec.get("betas", (0.9, 0.999))), spec.get("eps", 1e-8)
@@ -169,13 +201,16 @@ def make_optimizer(method, model, spec):
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas, eps=eps)
     from lora_pro import LoRAProAdamW, adamw as ref_adamw
 
-    patches = spec.get("ref_patches", [])
-    if patches:
-        ref_adamw.lorapro_full_adjustment = patched_reference(patches)
-    else:
-        from lora_pro import _lorapro
+    from lora_pro import _lorapro
 
-        ref_adamw.lorapro_full_adjustment = _lorapro.lorapro_full_adjustment
+    patches = spec.get("ref_patches", [])
+    full = [p for p in patches if p in ("no_step0_branch", "fp32_v")]
+    efficient = [p for p in patches if p in ("undamped_sylvester", "native_adam_dtype")]
+    if set(patches) - set(full) - set(efficient):
+        raise SystemExit(f"unknown ref_patches {sorted(set(patches) - set(full) - set(efficient))}")
+    ref_adamw.lorapro_full_adjustment = patched_reference(full) if full else _lorapro.lorapro_full_adjustment
+    ref_adamw.lorapro_efficient_adjustment = (patched_efficient(efficient) if efficient
+                                              else _lorapro.lorapro_efficient_adjustment)
     mode = "full" if method == "lora_pro_full" else "efficient"
     return LoRAProAdamW(model, lr=lr, weight_decay=wd, betas=betas, eps=eps, lorapro_mode=mode,
                         efficient_solver=spec.get("efficient_solver", "vec"))
