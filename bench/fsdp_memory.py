@@ -43,7 +43,6 @@ def measure(model_dir: Path, mesh: str | None, adapters: str, batch: int, seq: i
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    import lora_jax
     from train import classify, parallel
 
     argv = ["--model", str(model_dir), "--method", "lora-pro-adamw", "--batch-size", str(batch),

@@ -303,3 +303,82 @@ def test_a_dead_process_stops_the_other_and_the_last_checkpoint_survives(tiny, t
     assert "heartbeat" in log or "another task died" in log, log[-3000:]
     restored = _restore(tmp_path / "dies", _argv(tiny, tmp_path, "lora-pro", "dies"), 1, tmp_path / "d.npz")
     assert restored and all(np.isfinite(x).all() for x in restored)
+
+
+def test_lm_on_a_mesh_matches_one_device(tmp_path):
+    """train.lm (tiny GGUF Llama) with FSDP over 8 devices ends where one device does; LoRA + AdamW
+    in float32 (train.lm has no float64 mode; plain LoRA's gradients are well conditioned)."""
+    pytest.importorskip("gguf")
+    from test_llama import train_tiny_bpe, write_tiny_gguf
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_gguf(model, train_tiny_bpe())
+    common = ["--model", str(model), "--method", "lora", "--steps", "4", "--batch-size", "16", "--train-limit", "32",
+              "--eval-limit", "8", "--eval-every", "4", "--ckpt-every", "2", "--max-new-tokens", "4",
+              "--eval-batch-size", "8", "--out", str(tmp_path), "--quiet", "--no-plot", "--lr", "1e-2"]
+    code = textwrap.dedent(f"""
+        from train import lm
+        for name, extra in (("one", []), ("mesh", ["--mesh", "data=2,fsdp=4"])):
+            s = lm.main({common!r} + ["--name", name] + extra)
+            print("RUN", name, s["eval_acc"], s["final_loss"], flush=True)
+    """)
+    env = _env(8)
+    env.pop("JAX_ENABLE_X64")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    err = _max_rel(_state(tmp_path / "mesh", 4), _state(tmp_path / "one", 4))
+    print("train.lm data=2,fsdp=4 vs one device:", err)
+    assert err <= 1e-5
+
+
+YNN = textwrap.dedent(r"""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import lora_jax
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))
+    node = lora_jax.LoRA(w=f32(64, 64), a=f32(64, 8), b=f32(8, 64), scale=1.0, roles="io")
+    f = jax.jit(lora_jax.wrap(lambda n, x: jnp.tanh(x @ n)))
+    for rows in (8, 16):
+        x = f32(rows, 8, 64)
+        ref = f(node, x)
+        got = f(node, jax.device_put(x, NamedSharding(mesh, P("d"))))
+        print("ROWS", rows // 8, float(jnp.abs(got - ref).max()))
+""")
+
+
+@pytest.mark.parametrize("ynn", ["on", "off"])
+def test_xla_cpu_unit_rows_per_device(ynn):
+    """The XLA:CPU miscompile that `train.parallel` refuses: with one row per device, the factored
+    product is wrong by O(1) under YNNPACK fusion (jaxlib 0.10.2) and exact without it. If a newer
+    jaxlib fixes it, this test fails on "on": then drop the refusal in `Parallel.check_batch`."""
+    from train.parallel import YNN_OFF
+
+    env = _env(8)
+    env.pop("JAX_ENABLE_X64")
+    if ynn == "off":
+        env["XLA_FLAGS"] += " " + YNN_OFF
+    proc = subprocess.run([sys.executable, "-c", YNN], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = {int(l.split()[1]): float(l.split()[2]) for l in proc.stdout.splitlines() if l.startswith("ROWS")}
+    print("max abs error by rows per device:", err)
+    assert err[2] < 1e-5
+    if ynn == "on":
+        assert err[1] > 0.1  # the bug the refusal guards against
+    else:
+        assert err[1] < 1e-5
+
+
+def test_one_row_per_cpu_device_is_refused(tmp_path):
+    code = textwrap.dedent("""
+        from train import classify, loop
+        try:
+            classify.main(["--model", "X/no-model", "--mesh", "data=8", "--batch-size", "8", "--out", "X"])
+        except loop.ConfigError as e:
+            print("REFUSED", e)
+    """).replace("X", str(tmp_path))
+    env = _env(8)
+    env.pop("JAX_ENABLE_X64")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "REFUSED" in proc.stdout and "YNNPACK" in proc.stdout, proc.stdout + proc.stderr[-3000:]

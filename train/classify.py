@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 from pathlib import Path
@@ -308,9 +307,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
     spec = DATASETS[args.dataset]
-    model_dir = resolve_model(args.model)
     par = parallel.from_args(args)
     par.check_batch(args.batch_size)
+    model_dir = resolve_model(args.model)
     run_dir = loop.prepare_run_dir(args)
 
     # Everything that can be refused is checked before any data is loaded or step is taken.

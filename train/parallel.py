@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import warnings
@@ -46,6 +45,7 @@ import numpy as np
 from train.loop import ConfigError
 
 BATCH_AXIS = "batch"  # pmap's axis name
+YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="  # turns XLA:CPU's YNNPACK fusions off
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -176,11 +176,22 @@ class Parallel:
             return f"pmap over {jax.local_device_count()} devices"
         return f"one device ({jax.devices()[0]})"
 
-    def check_batch(self, batch_size: int, flag: str = "--batch-size") -> None:
+    def check_batch(self, batch_size: int, flag: str = "--batch-size", factored: bool = True) -> None:
+        """`batch_size` must split evenly over the devices; with `factored` (a step that runs LoRA's
+        factored product), not one row per CPU device (an XLA:CPU miscompile, see below)."""
+        import jax
+
         d = self.batch_divisor
         if batch_size % d:
             raise ConfigError(f"{flag} {batch_size} must be a multiple of the {d} devices the batch is "
                               f"split over ({self.describe()})")
+        if (factored and self.kind == "mesh" and batch_size == d and jax.default_backend() == "cpu"
+                and YNN_OFF not in os.environ.get("XLA_FLAGS", "")):
+            # jaxlib 0.10.2: XLA:CPU's YNNPACK fusion miscompiles LoRA's factored product when a
+            # device's rows form a unit axis (errors of order 1; tests/test_parallel.py shows it)
+            raise ConfigError(f"{flag} {batch_size} gives each of the {d} CPU devices one row, which XLA:CPU "
+                              f"miscompiles (its YNNPACK fusion); use at least 2 rows per device, or set "
+                              f"XLA_FLAGS={YNN_OFF} before starting")
 
     # ------------------------------------------------------------------ placing arrays
 
