@@ -140,7 +140,8 @@ def summarise(out: Path) -> None:
               f"(seeds {seeds}: {', '.join(f'{x:.3f}' for x in accs)})")
     timing = {r["name"]: r for r in runs if r["name"].startswith("timing-")}
     if timing:
-        print("\nbase weights (LoRA, batch 4; memory_analysis of the compiled train step):")
+        print("\nbase weights (LoRA, batch 4; memory_analysis of the compiled train step; one short run each, "
+              "not interleaved: for step time see --timing-rounds):")
         for name in ("timing-q4", "timing-f32"):
             if name in timing:
                 r, m = timing[name], timing[name].get("step_memory_bytes") or {}
