@@ -271,7 +271,7 @@ def test_lm_trains_on_a_quantized_base(tiny_gguf, tmp_path):
     from train.loop import read_metrics
 
     q = lm.main(_args(tiny_gguf, tmp_path / "q", "--base", "q4", "--eval-base", "--val-limit", "4", steps=3))
-    f = lm.main(_args(tiny_gguf, tmp_path / "f", steps=3))
+    f = lm.main(_args(tiny_gguf, tmp_path / "f"))  # test_lm_trains[lora]'s compiled step
     losses = [r["loss"] for r in read_metrics(Path(q["run_dir"]) / "metrics.jsonl")]
     assert len(losses) == 3 and all(np.isfinite(losses)) and np.isfinite(q["eval_loss"])
     assert q["base"] == "q4" and f["base"] == "f32" and 0 <= q["val_acc"] <= 1 and q["val_examples"] == 4
