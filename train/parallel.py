@@ -2,7 +2,7 @@
 
 Layouts (``--mesh`` / ``--pmap``, `from_args`):
 
-* one device (default): arrays on the default device, ``jax.jit`` steps, as before;
+* one device (default): arrays on the default device, ``jax.jit`` steps;
 * ``--mesh data=4,fsdp=2`` (axis sizes multiply to ``jax.device_count()``, any one may be -1): a
   ``jax.sharding.Mesh`` with two axes, steps under ``jax.jit`` with ``NamedSharding`` inputs and
   XLA's sharding propagation (GSPMD). Batches are split over both axes (every device gets
