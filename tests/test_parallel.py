@@ -305,6 +305,7 @@ def test_a_dead_process_stops_the_other_and_the_last_checkpoint_survives(tiny, t
     assert restored and all(np.isfinite(x).all() for x in restored)
 
 
+@pytest.mark.slow  # ~70 s
 def test_lm_on_a_mesh_matches_one_device(tmp_path):
     """train.lm (tiny GGUF Llama) with FSDP over 8 devices ends where one device does; LoRA + AdamW
     in float32 (train.lm has no float64 mode; plain LoRA's gradients are well conditioned)."""
