@@ -132,10 +132,10 @@ class Checkpointer:
             return False  # (orbax alone would also save the first step it sees)
         leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
         # the checksum needs every byte in every process: arrays split across processes are gathered
-        host = [to_host(x) for x in leaves]
-        digest, crcs = tree_checksum(host)
-        meta = dict(meta, step=int(step), num_leaves=len(host), sha256=digest, crc32=crcs,
-                    shapes=[list(x.shape) for x in host], dtypes=[x.dtype.str for x in host])
+        # one array at a time (a host holds one whole array at most, not the whole state)
+        digest, crcs = tree_checksum(to_host(x) for x in leaves)
+        meta = dict(meta, step=int(step), num_leaves=len(leaves), sha256=digest, crc32=crcs,
+                    shapes=[list(x.shape) for x in leaves], dtypes=[np.dtype(x.dtype).str for x in leaves])
         flat = {_key(i): x for i, x in enumerate(leaves)}  # orbax writes each shard from its process
         saved = self.manager.save(
             int(step),
@@ -236,12 +236,11 @@ class Checkpointer:
                 f"checkpoint {path} holds {meta.get('num_leaves')} arrays but this run needs "
                 f"{len(like_leaves)}: it was written by a different configuration. {hint}")
         arrays = [state[_key(i)] for i in range(len(like_leaves))]
-        host = [to_host(x) for x in arrays]
-        for i, (x, want) in enumerate(zip(host, like_leaves)):
+        for i, (x, want) in enumerate(zip(arrays, like_leaves)):
             if tuple(x.shape) != tuple(np.shape(want)) or list(x.shape) != meta["shapes"][i]:
                 raise CheckpointError(f"checkpoint {path}: array {i} has shape {x.shape}, this run "
                                       f"needs {np.shape(want)}. {hint}")
-        digest, crcs = tree_checksum(host)
+        digest, crcs = tree_checksum(to_host(x) for x in arrays)
         if digest != meta["sha256"]:
             bad = [i for i, (c, w) in enumerate(zip(crcs, meta["crc32"])) if c != w]
             raise CheckpointError(
