@@ -39,6 +39,16 @@ def shard_bytes(leaves) -> tuple[int, int]:
     return on0, total
 
 
+def all_gathers(hlo: str) -> list[tuple[tuple[int, ...], str]]:
+    """(result shape, HLO line) of every all-gather in a compiled module's text."""
+    out = []
+    for line in hlo.splitlines():
+        m = re.search(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", line)
+        if m:
+            out.append((tuple(int(d) for d in m.group(1).split(",") if d), line))
+    return out
+
+
 def measure(model_dir: Path, mesh: str | None, adapters: str, batch: int, seq: int, rounds: int) -> dict:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -67,12 +77,11 @@ def measure(model_dir: Path, mesh: str | None, adapters: str, batch: int, seq: i
     frozen = jax.tree_util.tree_leaves(setup.frozen)
     weights = [x for x in frozen if x.ndim >= 2]
     shapes = {tuple(sorted(x.shape)) for x in weights}
-    gathers = [tuple(int(d) for d in m.group(1).split(",") if d)
-               for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", hlo)]
+    gathers = [shape for shape, _ in all_gathers(hlo)]
     moments = shard_bytes([m for m in jax.tree_util.tree_leaves((state.mu, state.nu)) if m.ndim >= 2])
     ad = shard_bytes([x for x in jax.tree_util.tree_leaves(tr) if x.ndim >= 2])
     times = []  # (the step donates tr and state: read their bytes first)
-    for _ in range(rounds + 1):
+    for _ in range(rounds + 1 if rounds else 0):
         t0 = time.perf_counter()
         tr, state, loss = compiled(tr, state, setup.frozen, b, key)
         float(loss)
@@ -84,7 +93,7 @@ def measure(model_dir: Path, mesh: str | None, adapters: str, batch: int, seq: i
         "temp_bytes": mem.temp_size_in_bytes, "all_gathers": len(gathers),
         "weight_shaped_gathers": sorted({g for g in gathers if tuple(sorted(g)) in shapes}),
         "all_reduces": hlo.count(" all-reduce(") + hlo.count(" all-reduce-start("),
-        "step_ms": 1e3 * float(np.median(times[1:])),
+        "step_ms": 1e3 * float(np.median(times[1:])) if rounds else None,
     }
 
 

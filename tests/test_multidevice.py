@@ -121,10 +121,10 @@ SHARDINGS = textwrap.dedent(r"""
         # FSDP may gather a weight for the product that uses it (XLA's choice at this tiny batch:
         # cheaper than moving activations); never for anything else (the optimizer, a materialised w)
         import re
+        from bench.fsdp_memory import all_gathers
         shapes = {tuple(sorted(v.shape)) for v in params.values()}
-        for line in hlo.splitlines():
-            m = re.search(r"= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(", line)
-            if m and tuple(sorted(int(d) for d in m.group(1).split(",") if d)) in shapes:
+        for shape, line in all_gathers(hlo):
+            if tuple(sorted(shape)) in shapes:
                 assert re.search(r'op_name="[^"]*dot_general"', line), f"a frozen weight gathered outside its product: {line}"
     print("OK")
 """)
