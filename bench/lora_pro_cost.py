@@ -2,35 +2,25 @@
 
 A "step" is the jitted train step: value_and_grad wrt the trainable half + optimizer update +
 apply_updates. FLOPs are XLA's `compiled.cost_analysis()["flops"]`; wall-clock times are measured
-side by side in one run (variants interleaved in every repeat, medians reported).
+side by side in one run (variants interleaved in every repeat by `support.timing`: medians, and
+medians of the per-repeat ratios to the LoRA step).
 
-    .venv/bin/python bench/lora_pro_cost.py              # unstacked layers
-    .venv/bin/python bench/lora_pro_cost.py --scan       # scan-stacked layers (batched algebra)
+    python -m bench.lora_pro_cost              # unstacked layers
+    python -m bench.lora_pro_cost --scan       # scan-stacked layers (batched algebra)
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import optax
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-
-import lora_jax  # noqa: E402
-from bench import transformer as tb  # noqa: E402
-
-
-def flops(compiled) -> float:
-    ca = compiled.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0]
-    return float(ca["flops"])
+import lora_jax
+from support import transformer as tb
+from support.probes import flops
+from support.timing import interleave, timed
 
 
 def main():
@@ -86,19 +76,9 @@ def main():
     fl = {name: flops(c) for name, c in compiled.items()}
     fl["full fine-tuning adamw"] = flops(full_c)
 
-    for f in runs.values():  # warm up
-        jax.block_until_ready(f())
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, f in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[name].append(time.perf_counter() - t0)
-
+    timings = interleave({name: timed(f) for name, f in runs.items()}, args.repeats)
     base = "LoRA adamw"
-    med = {k: statistics.median(v) for k, v in times.items()}
-    # per-repeat ratios (same repeat, adjacent in time) and their median
-    ratio = {k: statistics.median(t / b for t, b in zip(times[k], times[base])) for k in times}
+    med, ratio = timings.medians(), timings.ratios(base)
     dev = jax.devices()[0]
     print(f"# device: {dev.platform} {dev.device_kind}; cfg: {cfg}; rank {args.rank}; "
           f"repeats {args.repeats}; jax {jax.__version__}")
@@ -111,7 +91,7 @@ def main():
     # state sizes (bytes), to show what each optimizer keeps
     print()
     for name, st in states.items():
-        nbytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(st))
+        nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(st))
         print(f"optimizer state, {name}: {nbytes / 2**20:.2f} MiB")
     if args.csv:
         with open(args.csv, "w", newline="") as f:

@@ -3,21 +3,18 @@
     python -m bench.peers                      # all-MiniLM-L6-v2 (real weights), batch 16 × 64, r 8, α 16
     python -m bench.peers --model bert-base    # BERT-base shape (12 × 768), random weights
     python -m bench.peers --setup-only         # just create the peers' virtual environment
+    python -m bench.peers --differences        # lora-pro-adamw's definition differences, with evidence
+    python -m bench.peers --profile            # where the LoRA step's time goes (both frameworks)
+    python -m bench.peers --optimizer-updates bert-base   # one optimizer update alone
     python -m bench.peers --all                # every table of bench/RESULTS.md's "PEFT side by side"
     python -m bench.peers --all --rounds 1     # the same end to end, benchmarks and profiles cut to 1 round
 
-The peers live in their own virtual environment (``.venv-peers`` at the repository root, or
-``$LORA_JAX_PEERS_VENV``), created here when missing: ``pip install torch==2.13.0`` first (the CPU
-build this machine's pip takes from its local wheel; letting pip choose another version pulls a
-multi-GB CUDA build), then transformers, peft, lora-pro-adamw and safetensors with that torch pinned.
-The PyTorch side runs there as a subprocess (bench/peers_worker.py ``--serve``), the JAX side in
-this process; both hold the same weights (written once as a HF state dict), the same batch
-(random token ids, no padding, random labels), rank, alpha and targets (every attention and FFN
-Linear: `train.bert.LORA_TARGETS`), the same adapters (``b`` set nonzero, so LoRA-Pro's algebra
-is exercised as after the first step) and AdamW hyper-parameters. Dropout is off on both sides.
+The harness (the peers' virtual environment, the PyTorch worker, one case written for both
+frameworks, the JAX steps) is `support.peers`.
 
-Methods, timed alternately (round robin over both frameworks, a pause between blocks so one side's
-idle worker threads stop spinning), medians of ``--rounds`` blocks of ``--steps`` steps:
+Methods, timed in interleaved rounds (`support.timing`, round robin over both frameworks starting
+one later each round, a pause before each block so one side's idle worker threads stop spinning),
+medians of ``--rounds`` blocks of ``--steps`` steps:
 
   jax:   full FT (optax.adamw), LoRA (wrap + adamw), LoRA-Pro efficient (lora_pro() + adamw),
          LoRA-Pro AdamW (lora_pro_adamw, Algorithm 2)
@@ -25,7 +22,7 @@ idle worker threads stop spinning), medians of ``--rounds`` blocks of ``--steps`
          "efficient" (its defaults: efficient_solver="vec")
   forward (no grad): base model, unmerged adapters, merged adapters — on both sides.
 
-Prints a table and the ratios the issue sets goals for, writes ``--json`` (default
+Prints a table and the ratios (of medians) that have goals, writes ``--json`` (default
 bench/results/peers-<model>.json). XLA's FLOP counts of the JAX steps are recorded as the first profile.
 """
 
@@ -36,7 +33,7 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,443 +42,28 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "bench" / "peers_worker.py"
-DEFAULT_VENV = ROOT / ".venv-peers"
-TORCH = "torch==2.13.0"
-PEER_PACKAGES = ("transformers==5.24.0", "peft==0.21.2", "lora-pro-adamw==0.2.1", "safetensors")
+from support.peers import (JAX_METHODS, LABELS, ROOT, TORCH_METHODS, WORKER, Server, ensure_venv, flops_of,
+                           jax_batch, jax_forwards, jax_versions, machine, make_case, make_jax_method,
+                           peers_python, run_worker, worker_spec)
+from support.timing import interleave, timed
 
-JAX_METHODS = ("jax_full", "jax_lora", "jax_lora_pro_efficient", "jax_lora_pro_adamw")
-TORCH_METHODS = ("full", "lora", "lora_pro_full", "lora_pro_efficient")
-LABELS = {
-    "jax_full": "lora_jax full FT (optax.adamw)",
-    "jax_lora": "lora_jax LoRA",
-    "jax_lora_pro_efficient": "lora_jax LoRA-Pro efficient",
-    "jax_lora_pro_adamw": "lora_jax LoRA-Pro AdamW (Alg. 2)",
-    "torch_full": "PyTorch full FT (AdamW)",
-    "torch_lora": "PEFT LoRA (AdamW)",
-    "torch_lora_pro_full": "lora-pro-adamw mode=full",
-    "torch_lora_pro_efficient": "lora-pro-adamw mode=efficient",
-}
+DIFFERENCES = ROOT / "support" / "peer_differences.py"
 
 
-# ------------------------------------------------------------------------------------------------
-# the peers' virtual environment
-
-
-def venv_dir() -> Path:
-    return Path(os.environ.get("LORA_JAX_PEERS_VENV", DEFAULT_VENV))
-
-
-def peers_python(check: bool = True) -> Path | None:
-    """The peers venv's python if it exists and imports torch, transformers, peft and lora_pro
-    (``check``); else None."""
-    py = venv_dir() / "bin" / "python"
-    if not py.is_file():
-        return None
-    if check:
-        r = subprocess.run([str(py), "-c", "import torch, transformers, peft, lora_pro, safetensors"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            return None
-    return py
-
-
-def ensure_venv(verbose: bool = True) -> Path:
-    """Create the peers venv if needed (see the module docstring); returns its python."""
-    py = peers_python()
-    if py is not None:
-        return py
-    venv = venv_dir()
-    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
-    if not (venv / "bin" / "python").is_file():
-        say(f"creating {venv}")
-        base = getattr(sys, "_base_executable", sys.executable)
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
-    say(f"installing {TORCH} (first, alone: pinned so pip never picks a CUDA build)")
-    subprocess.run(pip + [TORCH], check=True)
-    say(f"installing {' '.join(PEER_PACKAGES)}")
-    subprocess.run(pip + [*PEER_PACKAGES, TORCH], check=True)
-    py = peers_python()
-    if py is None:
-        raise RuntimeError(f"{venv}: the peers do not import after installing them")
-    return py
-
-
-def run_worker(spec: dict, workdir: Path, python: Path | None = None, timeout: float = 900) -> dict:
-    """Run one worker job (bench/peers_worker.py SPEC) in the peers venv; returns its JSON."""
-    python = python or peers_python(check=False)
-    if python is None:
-        raise RuntimeError("no peers venv: run `python -m bench.peers --setup-only`")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"spec_{spec['job']}_{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(spec))
-    r = subprocess.run([str(python), str(WORKER), str(path)], capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if r.returncode != 0:
-        raise RuntimeError(f"peers worker failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-# ------------------------------------------------------------------------------------------------
-# identical model, batch and adapters on both sides
-
-
-@dataclasses.dataclass
-class Case:
-    """A classifier with adapters, its batch, and the files that hand them to the worker."""
-
-    config: object
-    model: object
-    params: dict       # plain Classifier params (base model)
-    adapted: dict      # params with LoRA nodes
-    batch: dict        # numpy: input_ids, attention_mask, token_type_ids, labels
-    modules: list      # HF module paths adapted
-    rank: int
-    alpha: float
-    files: dict        # state, inputs, adapter (paths), hf_config (dict)
-
-
-def make_case(kind: str, workdir: Path, *, batch: int = 16, seq: int = 64, rank: int = 8,
-              alpha: float = 16.0, num_labels: int = 2, seed: int = 0, b_scale: float = 0.02,
-              config_overrides: dict | None = None) -> Case:
-    """`kind`: "minilm" (real weights), "bert-base" (BERT-base shape, random), or "tiny" (2 layers,
-    hidden 32, random). Pooling "pooler" (HF's BertForSequenceClassification head), dropout 0.
-    Adapters: lora_jax.apply's init for ``a``, then ``b ~ b_scale·N(0, 1)`` (0: b = 0, PEFT's init)."""
-    import jax
-    import jax.numpy as jnp
-    from safetensors.numpy import save_file
-
-    import lora_jax
-    from train import bert, peft_format
-
-    key = jax.random.key(seed)
-    if kind == "minilm":
-        from train import assets
-
-        config, enc = bert.load_hf_safetensors(assets.minilm_dir(), with_pooler=True)
-    elif kind == "bert-base":
-        config, enc = bert.BertConfig(), None
-    elif kind == "tiny":
-        config, enc = bert.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, max_position_embeddings=128), None
-    else:
-        raise ValueError(f"unknown model kind {kind!r}")
-    config = dataclasses.replace(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                 **(config_overrides or {}))
-    model, variables = bert.init_classifier(config, num_labels, jax.random.fold_in(key, 0), enc,
-                                            pooling="pooler", dropout_rate=0.0)
-    params = variables["params"]
-    if enc is None:
-        # Random init. HF's normal(0.02) kernels make a small model's logits ~0.01 and its adapter
-        # gradients ~1e-6, where Adam's ε and float32 rounding decide the step; LeCun-normal
-        # kernels (std 1/√fan_in) and perturbed LayerNorm/bias vectors keep everything O(1).
-        def fix(path, x, k):
-            name = jax.tree_util.keystr(path)
-            if x.ndim == 1:
-                return x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
-            if "kernel" in name:
-                return x * (1.0 / (config.initializer_range * np.sqrt(x.shape[0])))
-            return x
-        leaves, tdef = jax.tree_util.tree_flatten_with_path(params)
-        ks = jax.random.split(jax.random.fold_in(key, 5), len(leaves))
-        params = jax.tree_util.tree_unflatten(tdef, [fix(p, x, k) for (p, x), k in zip(leaves, ks)])
-    adapted = lora_jax.apply(params, rank, alpha=alpha, targets=bert.LORA_TARGETS,
-                             key=jax.random.fold_in(key, 1))
-    if b_scale:
-        leaves, tdef = jax.tree_util.tree_flatten(adapted, is_leaf=lora_jax.is_lora)
-        ks = jax.random.split(jax.random.fold_in(key, 2), len(leaves))
-        leaves = [lora_jax.LoRA(w=n.w, a=n.a, b=b_scale * jax.random.normal(k, n.b.shape, n.b.dtype),
-                                scale=n.scale, roles=n.roles, dropout=n.dropout)
-                  if lora_jax.is_lora(n) else n for n, k in zip(leaves, ks)]
-        adapted = jax.tree_util.tree_unflatten(tdef, leaves)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, config.vocab_size, size=(batch, seq)).astype(np.int32)
-    ids[:, 0] = 101  # [CLS]
-    data = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-            "token_type_ids": np.zeros_like(ids),
-            "labels": rng.integers(0, num_labels, size=(batch,)).astype(np.int32)}
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = {"state": str(workdir / "state.safetensors"), "inputs": str(workdir / "inputs.npz"),
-             "adapter": str(workdir / "adapter.safetensors"),
-             "hf_config": peft_format.hf_config_dict(config, num_labels)}
-    save_file(peft_format.hf_state_dict(params, config), files["state"])
-    np.savez(files["inputs"], **data)
-    tensors, found = peft_format.adapter_tensors(adapted, config)
-    save_file(tensors, files["adapter"])
-    return Case(config, model, params, adapted, data, sorted(found), rank, alpha, files)
-
-
-def worker_spec(case: Case, job: str, out: Path, **extra) -> dict:
-    spec = {"job": job, "hf_config": case.files["hf_config"], "state": case.files["state"],
-            "inputs": case.files["inputs"], "adapter": case.files["adapter"], "r": case.rank,
-            "alpha": case.alpha, "target_modules": case.modules, "out": str(out),
-            "num_labels": case.files["hf_config"]["num_labels"]}
-    spec.update(extra)
-    return spec
-
-
-# ------------------------------------------------------------------------------------------------
-# the JAX steps
-
-
-def jax_batch(case: Case):
-    import jax.numpy as jnp
-
-    return {k: jnp.asarray(v) for k, v in case.batch.items()}
-
-
-def jax_loss(case: Case, *, full: bool = False):
-    """``(loss_fn, trainable, frozen)``: mean cross-entropy ``loss_fn(trainable, frozen, batch)``.
-    Full FT trains every parameter (frozen None); otherwise the LoRA factors and the head."""
-    import optax
-
-    import lora_jax
-
-    model = case.model
-
-    def ce(logits, labels):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    if full:
-        def loss_fn(tr, fr, b):
-            return ce(model.apply({"params": tr}, b["input_ids"], b["attention_mask"], b["token_type_ids"]),
-                      b["labels"])
-        return loss_fn, case.params, None
-    trainable, frozen = lora_jax.split(case.adapted, trainable=r"^head/")
-    fwd = lora_jax.wrap(model.apply)
-
-    def loss_fn(tr, fr, b):
-        p = lora_jax.combine(tr, fr)
-        return ce(fwd({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"]), b["labels"])
-    return loss_fn, trainable, frozen
-
-
-def jax_lora_grads(case: Case) -> dict[str, np.ndarray]:
-    """The raw gradients (before any optimizer) of the LoRA factors and the head, as PEFT tensors
-    (PEFT's names and orientation: the gradient of ``lora_A.weight`` is that of ``a``, transposed)."""
+def step_block(method, batch, n: int):
+    """A timing contender (`support.timing`): `n` steps of a `make_jax_method` result on `batch`,
+    its state carried from call to call; seconds per step."""
     import jax
 
-    import lora_jax
-    from train import peft_format
+    step, st, _ = method
 
-    loss_fn, tr, fr = jax_loss(case)
-    g = jax.jit(jax.grad(loss_fn))(tr, fr, jax_batch(case))
-    return peft_format.adapter_tensors(lora_jax.combine(g, fr), case.config)[0]
-
-
-def _attention64(q, k, v, mask, *, implementation=None):
-    """`train.bert.attention`'s maths (softmax over the unmasked keys) in the inputs' dtype:
-    `jax.nn.dot_product_attention` takes its softmax in float32 whatever the inputs."""
-    import jax
-    import jax.numpy as jnp
-
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-
-
-class Float64Classifier:
-    """``Classifier(pooling="pooler")`` with dropout off, computed wholly in float64 (needs
-    ``jax_enable_x64``), for the float64 cross-checks only. Two pieces of `train.bert` compute in
-    float32 whatever the dtypes: `Classifier`'s head (pinned to float32) and `bert.attention`
-    (`jax.nn.dot_product_attention`'s softmax). So this applies the same parameters through the
-    float64 `BertEncoder` (pooler included) with `bert.attention` swapped for `_attention64` while
-    tracing, then the head's ``pooled @ kernel + bias`` in float64."""
-
-    def __init__(self, config):
-        import jax.numpy as jnp
-
-        from train import bert
-
-        self.encoder = bert.BertEncoder(config, jnp.float64, jnp.float64, with_pooler=True)
-
-    def apply(self, variables, input_ids, attention_mask=None, token_type_ids=None):
-        from train import bert
-
-        p = variables["params"]
-        saved, bert.attention = bert.attention, _attention64
-        try:
-            _, pooled = self.encoder.apply({"params": p["encoder"]}, input_ids, attention_mask, token_type_ids)
-        finally:
-            bert.attention = saved
-        return pooled @ p["head"]["kernel"] + p["head"]["bias"]
-
-
-def as_float64(case: Case) -> Case:
-    """The same case in float64 (weights, adapters and head cast exactly from their float32
-    values; the files handed to the worker are unchanged, the worker casts with ``dtype``).
-    Call with ``jax_enable_x64`` on (see `x64`)."""
-    import jax
-    import jax.numpy as jnp
-
-    import lora_jax
-
-    if not jax.config.jax_enable_x64:
-        raise RuntimeError("as_float64 needs jax_enable_x64 (use peers.x64())")
-
-    def cast(t):
-        return jax.tree_util.tree_map(
-            lambda x: x.astype(jnp.float64) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) else x, t)
-
-    adapted = jax.tree_util.tree_map(
-        lambda n: lora_jax.LoRA(w=cast(n.w), a=cast(n.a), b=cast(n.b), scale=n.scale, roles=n.roles,
-                                dropout=n.dropout) if lora_jax.is_lora(n) else cast(n),
-        case.adapted, is_leaf=lora_jax.is_lora)
-    return dataclasses.replace(case, model=Float64Classifier(case.config), params=cast(case.params),
-                               adapted=adapted)
-
-
-class x64:
-    """Context manager: ``jax_enable_x64`` on inside, restored on exit."""
-
-    def __enter__(self):
-        import jax
-
-        self.prev = jax.config.jax_enable_x64
-        jax.config.update("jax_enable_x64", True)
-        return self
-
-    def __exit__(self, *exc):
-        import jax
-
-        jax.config.update("jax_enable_x64", self.prev)
-
-
-def make_jax_method(case: Case, method: str, *, lr: float = 1e-3, weight_decay: float = 0.0,
-                    eps: float = 1e-8, lora_pro_kwargs: dict | None = None):
-    """``(step, state)`` with ``state = (trainable, opt_state, frozen)`` and
-    ``step(state, batch) -> (state, loss)`` jitted (trainable and optimizer state donated)."""
-    import jax
-    import optax
-
-    import lora_jax
-
-    kw = lora_pro_kwargs or {}
-    loss_fn, trainable, frozen = jax_loss(case, full=method == "jax_full")
-    if method == "jax_full":
-        opt = optax.adamw(lr, eps=eps, weight_decay=weight_decay)
-    else:
-        if method == "jax_lora":
-            opt = optax.adamw(lr, eps=eps, weight_decay=weight_decay)
-        elif method == "jax_lora_pro_efficient":
-            opt = optax.chain(lora_jax.lora_pro(**kw), optax.adamw(lr, eps=eps, weight_decay=weight_decay))
-        elif method == "jax_lora_pro_adamw":
-            opt = lora_jax.lora_pro_adamw(lr, eps=eps, weight_decay=weight_decay, **kw)
-        else:
-            raise ValueError(method)
-
-    def step(tr, opt_state, fr, b):
-        loss, g = jax.value_and_grad(loss_fn)(tr, fr, b)
-        upd, opt_state = opt.update(g, opt_state, tr)
-        return optax.apply_updates(tr, upd), opt_state, loss
-
-    jstep = jax.jit(step, donate_argnums=(0, 1))
-    # copies: the step donates its inputs, the Case keeps its arrays
-    trainable = jax.tree_util.tree_map(lambda x: x.copy(), trainable)  # None holes are empty subtrees
-    return jstep, [trainable, opt.init(trainable), frozen], step
-
-
-def run_jax_steps(case: Case, method: str, steps: int, **kw) -> list[dict[str, np.ndarray]]:
-    """The adapters (and head) after each of `steps` steps of `method`, as PEFT tensors (NumPy)."""
-    import jax
-
-    import lora_jax
-    from train import peft_format
-
-    _, (tr, st, fr), raw = make_jax_method(case, method, **kw)
-    step = jax.jit(raw)
-    out = []
-    for _ in range(steps):
-        tr, st, _ = step(tr, st, fr, jax_batch(case))
-        out.append(peft_format.adapter_tensors(lora_jax.combine(tr, fr), case.config)[0])
-    return out
-
-
-def jax_forwards(case: Case):
-    """{which: (jitted fn, params)} for base / unmerged / merged forward passes."""
-    import jax
-
-    import lora_jax
-
-    model = case.model
-    plain = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["attention_mask"],
-                                             b["token_type_ids"]))
-    wrapped_fn = lora_jax.wrap(model.apply)
-    unmerged = jax.jit(lambda p, b: wrapped_fn({"params": p}, b["input_ids"], b["attention_mask"],
-                                               b["token_type_ids"]))
-    merged = jax.block_until_ready(lora_jax.merge(case.adapted))
-    return {"base": (plain, case.params), "unmerged": (unmerged, case.adapted), "merged": (plain, merged)}
-
-
-def flops_of(fn, *args) -> float | None:
-    import jax
-
-    try:
-        ca = jax.jit(fn).lower(*args).compile().cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        return float(ca.get("flops", float("nan")))
-    except Exception:  # noqa: BLE001 - a profile figure, not essential
-        return None
-
-
-# ------------------------------------------------------------------------------------------------
-# the benchmark
-
-
-class Server:
-    """The worker in --serve mode: one JSON command a line."""
-
-    def __init__(self, python: Path):
-        self.p = subprocess.Popen([str(python), str(WORKER), "--serve"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, bufsize=1,
-                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-
-    def __call__(self, **cmd):
-        self.p.stdin.write(json.dumps(cmd) + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError("peers worker exited")
-        out = json.loads(line)
-        if not out.get("ok"):
-            raise RuntimeError(f"peers worker: {out.get('error')}\n{out.get('trace', '')}")
-        return out
-
-    def close(self):
-        try:
-            self(op="quit")
-        except Exception:  # noqa: BLE001
-            pass
-        self.p.wait(timeout=30)
-
-
-def jax_versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "load_avg_start": os.getloadavg()}
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            st[0], st[1], loss = step(st[0], st[1], st[2], batch)
+        jax.block_until_ready((st[0], loss))
+        return (time.perf_counter() - t0) / n
+    return run
 
 
 def benchmark(args) -> dict:
@@ -503,59 +85,43 @@ def benchmark(args) -> dict:
         jm = {m: make_jax_method(case, m, lr=args.lr) for m in JAX_METHODS}
         fw = jax_forwards(case)
 
-        def run_jax(m, n):
-            step, st, _ = jm[m]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                st[0], st[1], loss = step(st[0], st[1], st[2], b)
-            jax.block_until_ready((st[0], loss))
-            return (time.perf_counter() - t0) / n
+        def jax_block(m, n):
+            return step_block(jm[m], b, n)
 
-        def run_fwd(w, n):
+        def jax_forward(w, n):
             fn, p = fw[w]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = fn(p, b)
-            jax.block_until_ready(out)
-            return (time.perf_counter() - t0) / n
+            return timed(lambda: fn(p, b), repeat=n)
+
+        def torch_block(op, n, **which):
+            return lambda: server(op=op, n=n, **which)["sec"]
 
         profile = {}
         for m in JAX_METHODS:  # compile (and record XLA's FLOP count)
             step, st, raw = jm[m]
             profile[m] = {"xla_flops": flops_of(raw, st[0], st[1], st[2], b)}
             t0 = time.perf_counter()
-            run_jax(m, 1)
+            jax_block(m, 1)()
             profile[m]["first_call_s"] = time.perf_counter() - t0
         for w, (fn, p) in fw.items():
-            run_fwd(w, 1)
+            jax_forward(w, 1)()
             profile[f"fwd_{w}"] = {"xla_flops": flops_of(lambda p, b: fn(p, b), p, b)}
         for m in TORCH_METHODS:
             server(op="step", method=m, n=1)
         for w in ("base", "unmerged", "merged"):
             server(op="forward", which=w, n=1)
 
-        tasks = ([("jax", m) for m in JAX_METHODS] + [("torch", m) for m in TORCH_METHODS]
-                 + [("jax", f"fwd_{w}") for w in fw] + [("torch", f"fwd_{w}") for w in fw])
-        times: dict[str, list[float]] = {}
-        for r in range(args.rounds):
-            order = tasks[r % len(tasks):] + tasks[:r % len(tasks)]  # rotate who goes first
-            for side, m in order:
-                time.sleep(args.pause)
-                if side == "jax":
-                    sec = run_fwd(m[4:], args.fwd_steps) if m.startswith("fwd_") else run_jax(m, args.steps)
-                    name = m if not m.startswith("fwd_") else f"jax_{m}"
-                else:
-                    if m.startswith("fwd_"):
-                        sec = server(op="forward", which=m[4:], n=args.fwd_steps)["sec"]
-                    else:
-                        sec = server(op="step", method=m, n=args.steps)["sec"]
-                    name = f"torch_{m}"
-                times.setdefault(name, []).append(sec)
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        contenders = {**{m: jax_block(m, args.steps) for m in JAX_METHODS},
+                      **{f"torch_{m}": torch_block("step", args.steps, method=m) for m in TORCH_METHODS},
+                      **{f"jax_fwd_{w}": jax_forward(w, args.fwd_steps) for w in fw},
+                      **{f"torch_fwd_{w}": torch_block("forward", args.fwd_steps, which=w) for w in fw}}
+        timings = interleave(contenders, args.rounds, warmup=0, rotate=True, pause=args.pause,
+                             after_round=lambda r: print(f"round {r + 1}/{args.rounds} done",
+                                                         file=sys.stderr, flush=True))
+        times = timings.times
     finally:
         server.close()
 
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = {k: float(v) for k, v in timings.medians().items()}
     ratios = {
         "lora_jax LoRA / PEFT LoRA step": (med["jax_lora"] / med["torch_lora"], 0.8),
         "lora_jax LoRA-Pro AdamW / lora-pro-adamw full": (med["jax_lora_pro_adamw"] / med["torch_lora_pro_full"], 0.5),
@@ -611,22 +177,148 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# the profile: where a LoRA step's time goes, and why the goals above are missed
+
+
+def products() -> list[str]:
+    """The products of one adapted Linear (rank 8, MiniLM's shapes, 1024 tokens), jitted alone,
+    each the mean of 30 calls."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    lines = ["# JAX products (ms): T x in x out: x@w, dW = xT@dy, grad a = xT@(dy@bT), grad b = (x@a)T@dy"]
+    for (T, i, o) in [(1024, 384, 384), (1024, 384, 1536), (1024, 1536, 384)]:
+        x, dy = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((T, i), (T, o)))
+        w, a = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((i, o), (i, 8)))
+        b = jnp.asarray(rng.standard_normal((8, o)), jnp.float32)
+        fns = {"x@w": (jax.jit(lambda x, w: x @ w), (x, w)),
+               "dW": (jax.jit(lambda x, dy: x.T @ dy), (x, dy)),
+               "grad a": (jax.jit(lambda x, dy, b: x.T @ (dy @ b.T)), (x, dy, b)),
+               "grad b": (jax.jit(lambda x, a, dy: (x @ a).T @ dy), (x, a, dy))}
+        ms = interleave({k: timed(lambda f=f, args=args: f(*args), repeat=30)
+                         for k, (f, args) in fns.items()}, 1).medians()
+        lines.append(f"{T}x{i}x{o}: " + " ".join(f"{1e3 * ms[k]:.3f}" for k in fns))
+    return lines
+
+
+def optimizer_updates(kind: str = "bert-base", rounds: int = 5) -> dict[str, float]:
+    """Median seconds of one optimizer update alone (jitted by itself) on `kind`'s adapter tree:
+    optax.adamw, lora_pro() + adamw, lora_pro_adamw."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lora_jax
+    from train import assets, bert
+
+    cfg = (bert.BertConfig() if kind == "bert-base"
+           else bert.load_hf_safetensors(assets.minilm_dir(), with_pooler=True)[0])
+    model, v = bert.init_classifier(cfg, 2, jax.random.key(0), pooling="pooler")
+    ad = lora_jax.apply(v["params"], 8, alpha=16, targets=bert.LORA_TARGETS)
+    tr, _ = lora_jax.split(ad, trainable="^head/")
+    tr = jax.tree.map(lambda x: x + 0.01, tr)
+    g = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), tr)
+    contenders = {}
+    for name, opt in (("optax.adamw", optax.adamw(1e-4)),
+                      ("lora_pro() + adamw", optax.chain(lora_jax.lora_pro(), optax.adamw(1e-4))),
+                      ("lora_pro_adamw", lora_jax.lora_pro_adamw(1e-4))):
+        f = jax.jit(lambda g, st, p, opt=opt: opt.update(g, st, p))
+        contenders[name] = timed(lambda f=f, st=opt.init(tr): f(g, st, tr))
+    return interleave(contenders, rounds).medians()
+
+
+def ablation(case, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per call of each JAX variant, every round (see `profile`)."""
+    import jax
+    import optax
+
+    import lora_jax
+
+    b = jax_batch(case)
+    model = case.model
+    tr, fr = lora_jax.split(case.adapted, trainable=r"^head/")
+    fwd = lora_jax.wrap(model.apply)
+    inputs = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+
+    def ce(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+
+    def lora_loss(tr, m=model):
+        return ce(lora_jax.wrap(m.apply)({"params": lora_jax.combine(tr, fr)}, *inputs))
+
+    def full_loss(p):
+        return ce(model.apply({"params": p}, *inputs))
+
+    ln_tr, ln_fr = lora_jax.split(case.params, trainable=lambda path, leaf: "LayerNorm" in path
+                                  and path.endswith("scale"))
+    gelu_tanh = dataclasses.replace(model, config=dataclasses.replace(model.config, hidden_act="gelu_new"))
+    fns = {
+        "forward (base)": (jax.jit(lambda p: model.apply({"params": p}, *inputs)), (case.params,)),
+        "forward (unmerged LoRA)": (jax.jit(lambda t: fwd({"params": lora_jax.combine(t, fr)}, *inputs)), (tr,)),
+        "data backward (grad of LN scales only)": (
+            jax.jit(jax.value_and_grad(lambda t: full_loss(lora_jax.combine(t, ln_fr)))), (ln_tr,)),
+        "LoRA value_and_grad": (jax.jit(jax.value_and_grad(lora_loss)), (tr,)),
+        "LoRA value_and_grad, tanh GELU": (jax.jit(jax.value_and_grad(lambda t: lora_loss(t, gelu_tanh))), (tr,)),
+        "full FT value_and_grad": (jax.jit(jax.value_and_grad(full_loss)), (case.params,)),
+    }
+    contenders = {k: timed(lambda fn=fn, a=a: fn(*a), repeat=steps) for k, (fn, a) in fns.items()}
+
+    contenders["LoRA step (adamw)"] = step_block(make_jax_method(case, "jax_lora"), b, steps)
+    contenders["full FT step (adamw)"] = step_block(make_jax_method(case, "jax_full"), b, steps)
+    return interleave(contenders, rounds).times
+
+
+def profile(args) -> None:
+    """JAX side: an ablation, each variant jitted and timed in interleaved rounds (medians):
+    forward; "data backward" (value and grad with respect to the LayerNorm scales only: the whole
+    backward chain of activations, no weight gradients); LoRA grad (no optimizer); LoRA step;
+    full-FT grad (no optimizer); full-FT step; LoRA grad with the tanh GELU instead of erf.
+    PyTorch side (peers venv): torch.profiler's self-CPU-time table of two PEFT LoRA steps.
+    Both sides: the four products of one adapted Linear (x@w, dW, grad a, grad b) timed alone.
+    Writes bench/results/peers-profile-<model>.json."""
+    tmp = Path(tempfile.mkdtemp(prefix="lora_jax_peers_prof_"))
+    case = make_case(args.model, tmp)
+    times = ablation(case, args.rounds, args.steps)
+    print(f"# JAX ablation, {args.model}, batch {case.batch['input_ids'].shape}, r {case.rank}; "
+          f"medians of {args.rounds} rounds; load {os.getloadavg()[0]:.2f}")
+    med = {k: float(statistics.median(v)) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:44s} {1e3 * v:8.1f} ms")
+    prod = products()
+    print("\n" + "\n".join(prod))
+    torch_table = None
+    py = peers_python()
+    if py is not None:
+        try:
+            torch_table = run_worker(worker_spec(case, "profile", tmp / "x.npz", lr=1e-4, weight_decay=0.0),
+                                     tmp, py)["table"]
+        except RuntimeError as e:
+            torch_table = str(e)[-2000:]
+        print("\n# PyTorch: PEFT LoRA step, torch.profiler (2 steps)\n" + torch_table)
+    out = ROOT / "bench" / "results" / f"peers-profile-{args.model}.json"
+    out.write_text(json.dumps({"median_s": med, "times_s": times, "jax_products": prod, "torch_profile": torch_table},
+                              indent=1))
+    print(f"wrote {out}")
+
+
 def run_all(rounds: int | None = None) -> None:
     """Every table of the section, in order. `rounds` (``--all --rounds N``): the benchmarks' and
     profiles' rounds, for a quick end-to-end check (the tests always run in full)."""
     py = ensure_venv()
     r = ["--rounds", str(rounds)] if rounds else []
     steps = [
-        ("lora-pro-adamw's definition differences", [str(py), str(ROOT / "bench" / "lora_pro_reference_differences.py")]),
+        ("lora-pro-adamw's definition differences", [str(py), str(DIFFERENCES)]),
         ("cross-checks against transformers, PEFT and lora-pro-adamw",
          [sys.executable, "-m", "pytest", "-m", "slow or not slow", "-s", "-q", "-p", "no:cacheprovider",
           "tests/test_peers.py", "tests/test_peft_format.py"]),
         ("benchmark: all-MiniLM-L6-v2", [sys.executable, "-m", "bench.peers", "--model", "minilm", *r]),
         ("benchmark: BERT-base shape, random weights",
          [sys.executable, "-m", "bench.peers", "--model", "bert-base", *r]),
-        ("profile: where the LoRA step's time goes", [sys.executable, "-m", "bench.peers_profile", *r]),
+        ("profile: where the LoRA step's time goes", [sys.executable, "-m", "bench.peers", "--profile", *r]),
         ("profile: one optimizer update alone, BERT-base adapters",
-         [sys.executable, "-m", "bench.peers_profile", "--optimizer-updates", "bert-base", *r]),
+         [sys.executable, "-m", "bench.peers", "--optimizer-updates", "bert-base", *r]),
     ]
     failed = []
     for title, cmd in steps:
@@ -653,6 +345,12 @@ def main(argv=None):
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", default=None, help="default bench/results/peers-<model>.json")
     p.add_argument("--setup-only", action="store_true", help="create the peers venv and exit")
+    p.add_argument("--differences", action="store_true",
+                   help="only print lora-pro-adamw's definition differences (support/peer_differences.py)")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile where the LoRA step's time goes (JAX ablation, PyTorch profiler, products)")
+    p.add_argument("--optimizer-updates", default=None, choices=("minilm", "bert-base"),
+                   help="only time one optimizer update alone on this model's adapter tree")
     p.add_argument("--all", action="store_true",
                    help="everything bench/RESULTS.md reports from this comparison, in order: create the peers "
                         "venv, show lora-pro-adamw's definition differences, run the cross-check tests (fast and "
@@ -663,6 +361,18 @@ def main(argv=None):
     if args.setup_only:
         py = ensure_venv()
         print(subprocess.run([str(py), str(WORKER), "--versions"], capture_output=True, text=True).stdout.strip())
+        return
+    if args.differences:
+        raise SystemExit(subprocess.run([str(ensure_venv()), str(DIFFERENCES)]).returncode)
+    if args.profile or args.optimizer_updates:
+        args.rounds = args.rounds or 5
+        if args.profile:
+            return profile(args)
+        res = optimizer_updates(args.optimizer_updates, rounds=args.rounds)
+        print(f"# one optimizer update alone, {args.optimizer_updates} adapters (r 8, all attention/FFN "
+              f"Linears), load {os.getloadavg()[0]:.2f}")
+        for k, v in res.items():
+            print(f"{k:24s} {1e3 * v:8.1f} ms")
         return
     if args.rounds is None:
         args.rounds = 3 if args.model == "bert-base" else 7

@@ -1,4 +1,4 @@
-"""`bench.accelerator` end to end on a tiny config (every measurement and ratio reported, finite
+"""`support.accelerator` (`python -m bench.accelerator`) end to end on a tiny config (every measurement and ratio reported, finite
 and positive), and the pieces it compares: `optax.flatten(adamw)` on LoRA trees (with and without
 `lora_pro`) gives the unflattened updates; `train.bert.attention` (`jax.nn.dot_product_attention`)
 matches the materialised dropout path with dropout off; the embedding lookups' gradient
@@ -20,7 +20,7 @@ import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import lora_jax  # noqa: E402
-from bench import accelerator  # noqa: E402
+from support import accelerator  # noqa: E402
 from train import bert  # noqa: E402
 
 CPU_MEASUREMENTS = (

@@ -11,8 +11,8 @@ import jax.extend.core as jex
 import pytest
 
 import lora_jax
-from bench import transformer as T
-from bench.factored_memory import SCHEDULERS, activation_residual_bytes
+from support import transformer as T
+from support.probes import SCHEDULERS, activation_residual_bytes
 
 
 def compiled_steps(scan):
@@ -77,7 +77,7 @@ def test_lora_step_keeps_no_more_activations_than_full_finetuning(steps):
     the LoRA step keeps full FT's activations at most, plus its rank-sized ``t = x@a`` per
     adapted product. Exact, and independent of how a backend schedules or packs buffers."""
     scan, (model, params, trainable, frozen, x, y, *_) = steps
-    full, lora = activation_residual_bytes(model, trainable, frozen, params, x, y)
+    full, lora = activation_residual_bytes(T.loss_fn(model), trainable, frozen, params, x, y)
     adapted = lora_jax.combine(trainable, frozen)
     nodes = [n for n in jax.tree.leaves(adapted, is_leaf=lora_jax.is_lora) if lora_jax.is_lora(n)]
     tokens = x.shape[0] * x.shape[1]

@@ -8,7 +8,7 @@ HF-layout weights (the quantized ones as the file holds them), written independe
 (RoPE as explicit pair rotations, attention head by head).
 
 The real-checkpoint cross-check against transformers is the slow test at the end
-(``bench/llama_crosscheck.py``).
+(``support/llama_crosscheck.py``).
 """
 
 from __future__ import annotations
@@ -457,7 +457,7 @@ def test_chat_ids_through_the_tokenizer(tiny):
 
 @pytest.mark.slow
 def test_smollm2_matches_transformers(tmp_path):
-    from bench import llama_crosscheck
+    from support import llama_crosscheck
     from train.assets import AssetError
 
     try:

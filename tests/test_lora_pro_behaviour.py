@@ -1,4 +1,4 @@
-"""Fast check of the behaviour claim of bench/lora_pro_behaviour.py on a tiny teacher–student task:
+"""Fast check of the behaviour claim of bench/lora_pro_behaviour.py (task: support/behaviour.py) on a tiny teacher–student task:
 with SGD at a moderate learning rate, LoRA-Pro's loss curve is closer to full fine-tuning's than
 LoRA's, for each of 3 seeds (the setting where the full benchmark shows it with a wide margin)."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 import lora_jax
-from bench import lora_pro_behaviour as lpb
+from support import behaviour as lpb
 
 KW = dict(dims=(16, 32, 32, 8), n=256, teacher_rank=8, rank=4, alpha=8.0, init="lora")
 

@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent(r"""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import warnings
     import lora_jax
-    from bench import transformer as T
+    from support import transformer as T
     warnings.simplefilter("error", lora_jax.LoRAMaterializationWarning)
 
     assert jax.device_count() == 8
@@ -121,7 +121,7 @@ SHARDINGS = textwrap.dedent(r"""
         # FSDP may gather a weight for the product that uses it (XLA's choice at this tiny batch:
         # cheaper than moving activations); never for anything else (the optimizer, a materialised w)
         import re
-        from bench.fsdp_memory import all_gathers
+        from support.probes import all_gathers
         shapes = {tuple(sorted(v.shape)) for v in params.values()}
         for shape, line in all_gathers(hlo):
             if tuple(sorted(shape)) in shapes:

@@ -123,7 +123,7 @@ def test_layouts_on_8_devices_match_one_device(tiny, tmp_path, runs):
 FSDP_CHECK = textwrap.dedent(r"""
     import json
     from pathlib import Path
-    from bench.fsdp_memory import measure
+    from support.fsdp import measure
     res = {name: measure(Path(TINY), mesh, "sharded", batch=16, seq=32, rounds=0)
            for name, mesh in (("fsdp=8", "fsdp=8"), ("one", None))}
     print("FSDP", json.dumps(res))

@@ -2,13 +2,13 @@
 and the `lora-pro-adamw` port of the authors' LoRA-Pro, from identical weights, batch and adapters.
 
 The PyTorch side runs in the peers' virtual environment (bench/peers.py creates it:
-``python -m bench.peers --setup-only``) through bench/peers_worker.py; without it these tests skip.
+``python -m bench.peers --setup-only``) through support/peers_worker.py; without it these tests skip.
 The fast variants use a tiny random BERT (2 layers, hidden 32); the slow ones the real
 all-MiniLM-L6-v2 weights. Adapters start with a nonzero ``b`` (as after a first step), so both
 LoRA gradients and LoRA-Pro's Gram inverses are exercised; updates are compared relative to their
 own size, so a tiny learning rate cannot hide a wrong step.
 
-Definition differences of `lora-pro-adamw` (evidence: bench/lora_pro_reference_differences.py)
+Definition differences of `lora-pro-adamw` (evidence: `python -m bench.peers --differences`)
 and how each is aligned here:
 * efficient mode's default ``efficient_solver="vec"`` solves the transposed Sylvester equation:
   aligned with ``efficient_solver="eig"``, the correct solver it also ships;
@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench import peers
+from support import peers
 
 PY = peers.peers_python()
 needs_peers = pytest.mark.skipif(PY is None, reason="no peers venv (python -m bench.peers --setup-only)")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import lora_jax
-from bench import peers
+from support import peers
 from train import bert, peft_format
 
 PY = peers.peers_python()

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import lora_jax
-from bench import transformer as T
+from support import transformer as T
 from helpers import check_factored, randomize_adapters
 
 KEY = jax.random.key(0)

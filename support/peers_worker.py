@@ -1,8 +1,8 @@
-"""The PyTorch side of bench/peers.py and tests/test_peers.py. Runs in the peers' virtual
+"""The PyTorch side of support/peers.py (bench/peers.py, tests/test_peers.py). Runs in the peers' virtual
 environment (torch, transformers, peft, lora-pro-adamw; no JAX): it never imports lora_jax.
 
-    python bench/peers_worker.py SPEC.json     # one job; prints one JSON line, writes spec["out"]
-    python bench/peers_worker.py --serve       # timing server: one JSON command a line on stdin,
+    python support/peers_worker.py SPEC.json     # one job; prints one JSON line, writes spec["out"]
+    python support/peers_worker.py --serve       # timing server: one JSON command a line on stdin,
                                                # one JSON answer a line on stdout
 
 A spec names a model by its HF config (``hf_config``, with ``num_labels``) and weights
@@ -16,11 +16,13 @@ attention_mask, token_type_ids, labels) and the job:
   lora_pro_efficient) from the given adapters; writes the adapters (PEFT key names) and losses;
   ``ref_patches`` lists alignments applied to lora-pro-adamw (full mode: ``no_step0_branch``,
   ``fp32_v``; efficient mode: ``undamped_sylvester``, ``native_adam_dtype``; see
-  `patched_reference`, `patched_efficient` and bench/lora_pro_reference_differences.py);
+  `patched_reference`, `patched_efficient` and support/peer_differences.py);
 * ``grads``: one forward and backward of the PEFT model with the given adapters: the raw
   gradients of lora_A/lora_B and the head under PEFT's names;
 * ``peft_train_save``: PEFT's own init (``seed``), ``steps`` AdamW steps, ``save_pretrained`` to
-  ``save_dir``, and the trained model's logits.
+  ``save_dir``, and the trained model's logits;
+* ``profile``: torch.profiler's table of two PEFT LoRA steps and the products of one adapted
+  Linear timed alone.
 
 ``dtype: "float64"`` runs the model (adapters, head and optimizer state) in float64.
 Dropout is off everywhere (config probabilities 0 and ``eval()``), so both frameworks compute the
@@ -140,7 +142,7 @@ def cast(model, spec):
 
 def patched_reference(patches):
     """lora_pro._lorapro with the named source edits applied (each is one documented definition
-    difference, see bench/lora_pro_reference_differences.py):
+    difference, see support/peer_differences.py):
 
     * ``no_step0_branch``: the full mode's ``if step == 0:`` special case is never taken;
     * ``fp32_v``: the full mode's second moment accumulates g̃² in float32, not bf16-rounded g̃.
@@ -306,7 +308,38 @@ def job_peft_train_save(spec):
     return {"losses": losses}
 
 
-JOBS = {"forward": job_forward, "train": job_train, "grads": job_grads, "peft_train_save": job_peft_train_save}
+def job_profile(spec):
+    """Where a PEFT LoRA step's time goes: torch.profiler's self-CPU-time table over two steps
+    (after two untimed), and the four products of one adapted Linear (rank 8, MiniLM's shapes,
+    1024 tokens), each the mean of 30 calls after one untimed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, labels = load_inputs(spec["inputs"])
+    model, opt = setup_method("lora", spec, spec.get("adapter"))
+    for _ in range(2):
+        train_step(model, opt, batch, labels)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            train_step(model, opt, batch, labels)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=38)
+
+    def ms(f, n=30):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    lines = ["# PyTorch products (ms): T x in x out: x@w, dW = xT@dy, grad a = xT@(dy@bT), grad b = (x@a)T@dy"]
+    for (T, i, o) in [(1024, 384, 384), (1024, 384, 1536), (1024, 1536, 384)]:
+        x, dy, w, a, b = torch.randn(T, i), torch.randn(T, o), torch.randn(i, o), torch.randn(i, 8), torch.randn(8, o)
+        lines.append(f"{T}x{i}x{o}: {ms(lambda: x @ w):.3f} {ms(lambda: x.T @ dy):.3f} "
+                     f"{ms(lambda: x.T @ (dy @ b.T)):.3f} {ms(lambda: (x @ a).T @ dy):.3f}")
+    return {"table": table + "\n" + "\n".join(lines)}
+
+
+JOBS = {"forward": job_forward, "train": job_train, "grads": job_grads, "peft_train_save": job_peft_train_save,
+        "profile": job_profile}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The benchmark model of the core issue: a Flax Linen transformer encoder.
+"""The benchmark model: a Flax Linen transformer encoder.
 
 4 layers, d_model 512, FFN 2048, 8 heads, batch 8×128 tokens; LoRA (rank 8) on q, k, v, o and both
 FFN kernels, which is exactly what `lora_jax.apply`'s default targets pick here. Attention is Flax's
