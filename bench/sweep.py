@@ -1,0 +1,516 @@
+"""Multi-run experiments with the trainers: every run is one ``python -m train.<task>`` process,
+skipped when its ``summary.json`` exists, and the tables are read back from the run directories.
+
+    python -m bench.sweep classify                # MiniLM on movie reviews: 5 methods x 3 seeds, then the report
+    python -m bench.sweep classify --report-only  # the report from finished runs
+    python -m bench.sweep lm                      # SmolLM2 on train.arith: lr sweep, seeds, 4-bit/float32 pair
+    python -m bench.sweep lm --summarise          # its tables, from the run directories
+    python -m bench.sweep lm --samples 5          # held-out replies where base / LoRA / LoRA-Pro differ
+    python -m bench.sweep lm --timing-rounds 6    # 4-bit vs float32 base step time, interleaved
+
+``classify``: methods at equal steps and batch size (everything else as `train.classify`'s
+defaults): frozen-encoder linear probe, full fine-tuning, LoRA (r=8, alpha=16, attention and FFN
+kernels of all 6 layers), LoRA-Pro "efficient" (lora_pro + AdamW), LoRA-Pro AdamW (Algorithm 2).
+Peak learning rates (linear warmup over 10% of the steps, cosine decay to 0), chosen once, not
+tuned on the eval split:
+
+  * probe 1e-2: only a 384x2 head from a random init trains; it needs a large step to get anywhere
+    in a few hundred updates;
+  * full 1e-4: BERT-style full fine-tuning (2e-5 ... 1e-4), the top of the range for a short run;
+  * LoRA and LoRA-Pro efficient 2e-3: the top of the usual LoRA range (5e-4 ... 2e-3), for a short
+    run; the same for both so that LoRA-Pro's gradient adjustment is the only difference (as in
+    the paper);
+  * LoRA-Pro AdamW 1e-4, full FT's: Algorithm 2 moves W by lr times the tangent-space projection
+    of a full-shape Adam direction (entries ~1), i.e. full FT's AdamW step projected, so it takes
+    full FT's learning rate. (5e-4, reasoning that the projection shrinks the step, is unstable:
+    seed 0 collapses after ~50 steps — the output stops depending on the input, loss ln 2, eval
+    accuracy 0.509 — while seed 1 reaches 0.785.) A finished run made with another lr than these
+    is set aside (``superseded.jsonl``, listed in the report) and run again.
+
+The report replaces the "## Fine-tuning MiniLM on movie reviews" section of bench/RESULTS.md (only
+that section; the file is re-read right before writing), writes the loss plot to
+bench/results/train_loss.png and the per-run summaries to bench/results/train_results.jsonl.
+
+``lm``: base model vs LoRA vs LoRA-Pro on SmolLM2-135M-Instruct, with the same steps and
+learning-rate sweep for each method, then seeds at each method's best lr, into ``--out`` (default
+``runs/lm-sweep``), in order:
+
+1. ``timing-q4`` and ``timing-f32``: LoRA, ``--timing-steps`` steps on the 4-bit and on the float32
+   base, back to back (``sec_per_step``, ``frozen_param_bytes``, ``step_memory_bytes``);
+2. the lr sweep on seed 0: ``<method>-lr<lr>-s0`` for each method and each of ``--lrs``; the first
+   one also evaluates the base model (``--eval-base``: it does not depend on the seed or method);
+3. each method's best lr, chosen on ``val_acc`` (exact match on ``--val-limit`` training-split
+   problems that no run trains on, not the held-out set; ties: lower final training loss), then
+   seeds ``--seeds`` (besides 0) at it.
+
+Held-out exact match (``eval_acc``, ``--eval-limit`` problems of the test split) is reported as mean
+± sample std over the seeds at the chosen lr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from support.timing import interleave
+from train import arith, lm, loop
+from train.metrics import nbytes, plot_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# ------------------------------------------------------------------------------------------------
+# runs: one trainer process each, read back from their summary.json
+
+
+def train_run(task: str, out: Path, name: str, args: list[str], dry: bool = False) -> dict | None:
+    """One ``python -m train.<task>`` run named `name` under `out` (skipped when its summary.json
+    exists); returns its summary (None when it failed or `dry`), with ``run_wall_s`` added for a
+    run made here."""
+    summary = out / name / "summary.json"
+    if summary.is_file():
+        print(f"[{name}] done already", flush=True)
+        return json.loads(summary.read_text())
+    cmd = [sys.executable, "-m", f"train.{task}", "--out", str(out), "--name", name, "--overwrite", *args]
+    print(f"[{name}] {time.strftime('%H:%M:%S')} {' '.join(cmd[1:])}", flush=True)
+    if dry:
+        return None
+    t0 = time.time()
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    wall = time.time() - t0
+    print(f"[{name}] exit {rc} after {wall:.0f} s", flush=True)
+    if rc != 0 or not summary.is_file():
+        return None
+    s = json.loads(summary.read_text())
+    s["run_wall_s"] = wall
+    summary.write_text(json.dumps(s, indent=1))
+    return s
+
+
+def load_runs(out: Path) -> list[dict]:
+    """Every run's summary under `out`, with its directory name as ``name``."""
+    runs = []
+    for f in sorted(Path(out).glob("*/summary.json")):
+        s = json.loads(f.read_text())
+        s["name"] = f.parent.name
+        runs.append(s)
+    return runs
+
+
+def mean_std(xs, fmt: str = "{:.4f}") -> str:
+    """``mean ± sample std`` of the values that are not None ("n/a" if none; one value alone)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(np.mean(xs))} ± {fmt.format(np.std(xs, ddof=1))}"
+
+
+def write_section(path: Path, section: str, text: str) -> None:
+    """Replace (or append) the section headed `section` of a Markdown file, leaving every other
+    section as it is."""
+    old = path.read_text() if path.is_file() else "# Results\n"
+    start = old.find(section)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        m = re.compile(r"^## ", re.M).search(old, start + len(section))
+        end = m.start() if m else len(old)
+        tail = old[end:]
+        new = old[:start] + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------
+# classify: MiniLM on the movie-review sentences
+
+
+CLASSIFY_METHODS = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw")
+CLASSIFY_LR = {"probe": 1e-2, "full": 1e-4, "lora": 2e-3, "lora-pro": 2e-3, "lora-pro-adamw": 1e-4}
+CLASSIFY_LABEL = {"probe": "linear probe (frozen encoder)", "full": "full fine-tuning", "lora": "LoRA r=8",
+                  "lora-pro": "LoRA-Pro efficient r=8", "lora-pro-adamw": "LoRA-Pro AdamW (Alg. 2) r=8"}
+CLASSIFY_SECTION = "## Fine-tuning MiniLM on movie reviews"
+
+
+def classify_args(a) -> list[str]:
+    return ["--model", "minilm", "--dataset", "lora_jax_movie_reviews", "--steps", str(a.steps),
+            "--batch-size", str(a.batch_size), "--max-len", str(a.max_len), "--eval-limit", str(a.eval_limit),
+            "--train-eval-limit", str(a.train_eval_limit), "--eval-every", str(a.steps),
+            "--ckpt-every", str(a.steps), "--keep", "1", "--dropout", str(a.dropout), "--rank", "8", "--alpha", "16",
+            "--quiet", "--no-plot"]
+
+
+def classify_sweep(a) -> None:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in a.seeds:
+        for method in a.methods:
+            name = f"{method}-s{seed}"
+            summary = out / name / "summary.json"
+            if summary.is_file():
+                s = json.loads(summary.read_text())
+                if not math.isclose(s["lr"], CLASSIFY_LR[method]):  # another lr than CLASSIFY_LR's
+                    with open(out / "superseded.jsonl", "a") as f:
+                        f.write(json.dumps(s) + "\n")
+                    summary.unlink()
+            train_run("classify", out, name, classify_args(a) + ["--method", method, "--seed", str(seed),
+                                                                 "--lr", str(CLASSIFY_LR[method])], a.dry_run)
+
+
+def classify_report(a) -> str:
+    out = Path(a.out)
+    runs = sorted((r for r in load_runs(out) if r.get("method") in CLASSIFY_LR),
+                  key=lambda r: (r["seed"], CLASSIFY_METHODS.index(r["method"])))
+    if not runs:
+        return f"no runs under {out}: bench/RESULTS.md left as it is"
+    by = {m: sorted([r for r in runs if r["method"] == m], key=lambda r: r["seed"]) for m in CLASSIFY_METHODS}
+    lines = [CLASSIFY_SECTION, "",
+             f"`python -m bench.sweep classify` (`bench/sweep.py`; `--report-only` rebuilds this section from the "
+             f"run directories): all-MiniLM-L6-v2 (22.7M parameters) "
+             f"fine-tuned on the movie-review sentences (`lora_jax_movie_reviews`: valence > 0 positive, < 0 "
+             f"negative, zeros dropped; 8,566 train / 2,000 held-out). {a.steps} steps of batch {a.batch_size}, "
+             f"max_len {a.max_len}, warmup 10% + cosine, dropout {a.dropout:g}, seeds {list(a.seeds)}; "
+             f"eval accuracy on the first {a.eval_limit} held-out sentences (fixed split); train loss at step "
+             f"{a.steps} as the mean cross-entropy, no dropout, on the first {a.train_eval_limit} training "
+             f"sentences (and, noisier, the mean minibatch loss over the last 10% of steps). Mean ± sample std "
+             f"over seeds. 2 CPU cores shared with other jobs: seconds per step are indicative only.", "",
+             "| method | peak lr | trainable params | eval accuracy | train loss @ end (fixed 256) | "
+             "minibatch loss, last 10% | s/step | checkpoint / full-model params |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in CLASSIFY_METHODS:
+        rs = by[m]
+        if not rs:
+            continue
+        ck = rs[0].get("checkpoint_bytes")
+        ck_txt = f"{ck / 1e6:.2f} MB / {rs[0]['full_model_param_bytes'] / 1e6:.1f} MB" if ck else "n/a"
+        lines.append(
+            f"| {CLASSIFY_LABEL[m]} | {rs[0]['lr']:g} | {rs[0]['trainable_params']:,} | "
+            f"{mean_std([r['eval_acc'] for r in rs])} | {mean_std([r.get('train_eval_loss') for r in rs])} | "
+            f"{mean_std([r['train_loss_last10pct'] for r in rs])} | "
+            f"{mean_std([r['sec_per_step'] for r in rs], '{:.2f}')} | {ck_txt} |")
+    lines.append("")
+    lines += _gap_lines(by) + _probe_lines(by)
+    if plot_runs(out, RESULTS / "train_loss.png") is not None:
+        lines += ["Loss curves (moving average of 20 steps, every run): `bench/results/train_loss.png`; per-run "
+                  "summaries: `bench/results/train_results.jsonl`.", ""]
+    sup = _read_jsonl(out / "superseded.jsonl")
+    if sup:
+        lines += ["Superseded runs (another learning rate, not in the table): " + "; ".join(
+            f"{r['method']} lr {r['lr']:g} seed {r['seed']}: eval acc {r['eval_acc']:.3f}, fixed-subset train loss "
+            f"{r['train_eval_loss']:.3f}" for r in sup) + ".", ""]
+    lines += [f"Budget: the {len(runs)} runs of the table took "
+              f"{sum(r.get('run_wall_s', 0) for r in runs) / 60:.0f} min of wall time in all (a process each: "
+              f"start-up, compilation and evaluation included).", ""]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "train_results.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k not in ("run_dir", "name")}) + "\n" for r in runs))
+    text = "\n".join(lines)
+    write_section(ROOT / "bench" / "RESULTS.md", CLASSIFY_SECTION, text)
+    return text
+
+
+def _seed_mean(by, m, key):
+    v = [r.get(key) for r in by[m] if r.get(key) is not None]
+    return float(np.mean(v)) if v else None
+
+
+def _gap_lines(by) -> list[str]:
+    """The fraction of the LoRA → full-FT train-loss gap each LoRA-Pro mode closes."""
+    out = []
+    for key, what in (("train_eval_loss", "fixed-subset train loss"),
+                      ("train_loss_last10pct", "minibatch loss (last 10%)")):
+        lo, fu = _seed_mean(by, "lora", key), _seed_mean(by, "full", key)
+        if lo is None or fu is None:
+            continue
+        for m in ("lora-pro", "lora-pro-adamw"):
+            v = _seed_mean(by, m, key)
+            if v is None:
+                continue
+            gap = lo - fu
+            frac = (lo - v) / gap if abs(gap) > 1e-12 else float("nan")
+            out.append(f"- {what}: LoRA {lo:.4f}, full FT {fu:.4f}, {CLASSIFY_LABEL[m]} {v:.4f} → closes "
+                       f"**{100 * frac:.0f}%** of the LoRA → full-FT gap")
+    if not out:
+        return []
+    return ["Fraction of the LoRA → full-FT train-loss gap that LoRA-Pro closes, (L_LoRA − L_method) / "
+            "(L_LoRA − L_full), on seed means:", ""] + out + [""]
+
+
+def _probe_lines(by) -> list[str]:
+    probe = _seed_mean(by, "probe", "eval_acc")
+    if probe is None:
+        return []
+    best = {m: _seed_mean(by, m, "eval_acc") for m in ("full", "lora", "lora-pro", "lora-pro-adamw")
+            if _seed_mean(by, m, "eval_acc") is not None}
+    return ["Against the linear probe (" + f"{probe:.4f}" + "): " + ", ".join(
+        f"{CLASSIFY_LABEL[m]} {v - probe:+.4f}" for m, v in best.items()) + " eval accuracy.", ""]
+
+
+# ------------------------------------------------------------------------------------------------
+# lm: SmolLM2-135M-Instruct on train.arith
+
+
+LM_METHODS = ("lora", "lora-pro")
+
+
+def run_name(method: str, lr: float, seed: int) -> str:
+    return f"{method}-lr{lr:g}-s{seed}"
+
+
+def best_lr(runs: dict[float, dict]) -> float:
+    """The lr with the highest val_acc (ties: the lower training loss of the last 10% of steps)."""
+    return max(runs, key=lambda lr: (runs[lr]["val_acc"], -runs[lr]["train_loss_last10pct"]))
+
+
+def lm_sweep(a) -> None:
+    out = Path(a.out)
+    common = ["--model", a.model, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+              "--eval-limit", str(a.eval_limit), "--eval-every", "100000", "--ckpt-every", "0",
+              "--quiet", "--no-plot"]
+    if a.timing_steps:
+        for base in ("q4", "f32"):
+            train_run("lm", out, f"timing-{base}",
+                      ["--model", a.model, "--method", "lora", "--base", base, "--steps", str(a.timing_steps),
+                       "--batch-size", str(a.batch_size), "--lr", "1e-3", "--eval-limit", "16",
+                       "--eval-every", "100000", "--ckpt-every", "0", "--quiet", "--no-plot"], a.dry_run)
+    chosen = {}
+    first = True
+    for method in a.methods:
+        runs = {}
+        for lr in a.lrs:
+            s = train_run("lm", out, run_name(method, lr, 0),
+                          [*common, "--method", method, "--lr", str(lr), "--seed", "0", "--val-limit",
+                           str(a.val_limit), *(["--eval-base"] if first else [])], a.dry_run)
+            first = False
+            if s is not None:
+                runs[lr] = s
+        if runs:
+            chosen[method] = best_lr(runs)
+            accs = ", ".join(f"{lr:g}: {r['val_acc']:.3f}" for lr, r in runs.items())
+            print(f"[{method}] best lr on val_acc: {chosen[method]:g} ({accs})", flush=True)
+    for method, lr in chosen.items():
+        for seed in a.seeds:
+            if seed != 0:
+                train_run("lm", out, run_name(method, lr, seed),
+                          [*common, "--method", method, "--lr", str(lr), "--seed", str(seed),
+                           "--val-limit", str(a.val_limit)], a.dry_run)
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def lm_summarise(out: Path) -> None:
+    runs = load_runs(out)
+    sweep_runs = [r for r in runs if not r["name"].startswith("timing-")]
+    if not sweep_runs:
+        print(f"no runs under {out}")
+        return
+    r0 = sweep_runs[0]
+    base = [r for r in sweep_runs if r.get("base_eval_acc") is not None]
+    print(f"SmolLM2-135M-Instruct on train.arith: {r0['steps']} steps x batch {r0.get('batch_size', '?')}, "
+          f"{r0['eval_examples']} held-out problems, {r0.get('val_examples', 0)} validation problems")
+    if base:
+        b = base[0]
+        print(f"base model: held-out exact match {b['base_eval_acc']:.3f}, answer loss {b['base_eval_loss']:.4f}")
+    print("\nper run (seed 0 rows are the lr sweep):")
+    print(f"{'method':10s} {'lr':>7s} {'seed':>4s} {'val_acc':>7s} {'eval_acc':>8s} {'eval_loss':>9s} "
+          f"{'train_loss':>10s} {'s/step':>6s}")
+    for r in sorted(sweep_runs, key=lambda r: (r["method"], r["seed"], r["lr"])):
+        print(f"{r['method']:10s} {r['lr']:7.0e} {r['seed']:4d} {r.get('val_acc', float('nan')):7.3f} "
+              f"{r['eval_acc']:8.3f} {r['eval_loss']:9.4f} {r['train_loss_last10pct']:10.4f} "
+              f"{r['sec_per_step']:6.2f}")
+    print("\nat each method's lr chosen on val_acc (seed 0):")
+    for method in sorted({r["method"] for r in sweep_runs}):
+        s0 = {r["lr"]: r for r in sweep_runs if r["method"] == method and r["seed"] == 0 and "val_acc" in r}
+        if not s0:
+            continue
+        lr = best_lr(s0)
+        at_lr = [r for r in sweep_runs if r["method"] == method and r["lr"] == lr]
+        accs = [r["eval_acc"] for r in at_lr]
+        seeds = sorted(r["seed"] for r in at_lr)
+        print(f"  {method:10s} lr {lr:g}: held-out exact match {mean_std(accs, '{:.3f}')} "
+              f"(seeds {seeds}: {', '.join(f'{x:.3f}' for x in accs)})")
+    timing = {r["name"]: r for r in runs if r["name"].startswith("timing-")}
+    if timing:
+        _timing_pair(timing)
+
+
+def _timing_pair(timing: dict) -> None:
+    print("\nbase weights (LoRA, batch 4; memory_analysis of the compiled train step; one short run each, "
+          "not interleaved: for step time see --timing-rounds):")
+    for name in ("timing-q4", "timing-f32"):
+        if name in timing:
+            r, m = timing[name], timing[name].get("step_memory_bytes") or {}
+            print(f"  {r['base']:3s}: {r['sec_per_step']:.2f} s/step (median of {r['steps']}), frozen base "
+                  f"{_mib(r['frozen_param_bytes'])}, step arguments {_mib(m.get('argument'))}, "
+                  f"temp {_mib(m.get('temp'))}, output {_mib(m.get('output'))}")
+    if len(timing) == 2:
+        q, f = timing["timing-q4"], timing["timing-f32"]
+        mq, mf = q["step_memory_bytes"], f["step_memory_bytes"]
+        print(f"  q4/f32: frozen base {q['frozen_param_bytes'] / f['frozen_param_bytes']:.3f}, "
+              f"arguments {mq['argument'] / mf['argument']:.3f}, temp {mq['temp'] / mf['temp']:.3f}, "
+              f"step time {q['sec_per_step'] / f['sec_per_step']:.2f}")
+
+
+def lm_samples(out: Path, n: int) -> None:
+    """Held-out problems where LoRA and LoRA-Pro (seed 0, chosen lr) disagree (each side's wins in
+    turn), then where both fixed a base-model error, with the three replies."""
+    runs = [r for r in load_runs(out) if not r["name"].startswith("timing-")]
+    base_run = next((r for r in runs if r.get("base_eval_acc") is not None), None)
+    if base_run is None:
+        print("no run evaluated the base model")
+        return
+    read = lambda r: _read_jsonl(Path(r["run_dir"]) / "samples.jsonl")  # noqa: E731
+    base = {s["question"]: s for s in read(base_run)}
+    per = {}
+    for method in LM_METHODS:
+        s0 = {r["lr"]: r for r in runs if r["method"] == method and r["seed"] == 0 and "val_acc" in r}
+        if s0:
+            per[method] = {s["question"]: s for s in read(s0[best_lr(s0)])}
+    if len(per) < 2:
+        print("need seed-0 runs of both methods")
+        return
+    qs = list(base)
+    wins = {m: [q for q in qs if per[m][q]["correct"] and not per[o][q]["correct"]]
+            for m, o in (("lora", "lora-pro"), ("lora-pro", "lora"))}
+    turns = [q for pair in zip(wins["lora-pro"] + [None] * len(qs), wins["lora"] + [None] * len(qs))
+             for q in pair if q is not None]
+    order = turns + [q for q in qs if not base[q]["base_correct"] and per["lora"][q]["correct"]
+                     and per["lora-pro"][q]["correct"]]
+    for q in list(dict.fromkeys(order))[:n]:
+        print(f"Q: {q}   (answer {base[q]['answer']})")
+        print(f"  base      [{'right' if base[q]['base_correct'] else 'wrong'}] {base[q]['base_reply']!r}")
+        for m in LM_METHODS:
+            s = per[m][q]
+            print(f"  {m:9s} [{'right' if s['correct'] else 'wrong'}] {s['reply']!r}")
+
+
+def lm_timing(model: str, rounds: int, batch_size: int, method: str = "lora") -> None:
+    """The compiled `train.lm` train step on the 4-bit and on the float32 base in one process, in
+    interleaved rounds (`support.timing`, the order alternating) on the same batches, so load from
+    other jobs falls on both alike: 2 warm-up steps then 2·`rounds` timed steps each; prints the
+    median and quartiles of each, and their memory analysis."""
+    path = lm.resolve_model(model)
+    steps = 2 * rounds + 2
+    runs = {}
+    for base in ("q4", "f32"):
+        args = lm.parse_args(["--model", model, "--method", method, "--base", base, "--batch-size", str(batch_size),
+                              "--steps", str(steps), "--lr", "1e-3"])
+        setup = lm.build(args, path)
+        probs = arith.problems("train", args.train_limit, args.data_seed)
+        max_len = arith.longest_example(setup.tokenizer, probs)
+        data = arith.encode(setup.tokenizer, probs, max_len, pad_id=arith.end_of_turn_id(setup.tokenizer))
+        order = loop.BatchOrder(0, len(data["input_ids"]), batch_size)
+        batches = [{k: jnp.asarray(data[k][order.indices(i)]) for k in ("input_ids", "attention_mask", "loss_mask")}
+                   for i in range(steps)]
+        train_step, _ = lm.make_steps(setup, method)
+        key = jax.random.key(0)
+        opt_state = setup.optimizer.init(setup.trainable)
+        t0 = time.perf_counter()
+        step = train_step.lower(setup.trainable, opt_state, setup.frozen, batches[0], key).compile()
+        runs[base] = {"step": step, "state": [setup.trainable, opt_state], "frozen": setup.frozen,
+                      "batches": iter(batches), "mem": step.memory_analysis(),
+                      "compile_s": time.perf_counter() - t0, "frozen_bytes": nbytes(setup.frozen)}
+
+    def one_step(r, key=jax.random.key(0)) -> float:
+        t0 = time.perf_counter()
+        r["state"][0], r["state"][1], loss = r["step"](*r["state"], r["frozen"], next(r["batches"]), key)
+        jax.block_until_ready(loss)
+        return time.perf_counter() - t0
+
+    timings = interleave({base: (lambda r=r: one_step(r)) for base, r in runs.items()}, steps - 2,
+                         warmup=2, rotate=True)
+    print(f"{method} train step, batch {batch_size}, {timings.rounds} interleaved steps each "
+          f"({jax.devices()[0].platform}, jax {jax.__version__}):")
+    for base, r in runs.items():
+        t, m = np.asarray(timings.times[base]), r["mem"]
+        print(f"  {base:3s}: {np.median(t):.2f} s/step (quartiles {np.percentile(t, 25):.2f}-{np.percentile(t, 75):.2f}), "
+              f"frozen base {_mib(r['frozen_bytes'])}, arguments {_mib(m.argument_size_in_bytes)}, "
+              f"temp {_mib(m.temp_size_in_bytes)}, compiled in {r['compile_s']:.0f} s")
+    print(f"  q4/f32 median step time {timings.median('q4') / timings.median('f32'):.2f}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="experiment", required=True)
+    c = sub.add_parser("classify", help="MiniLM on the movie-review sentences, 5 methods x 3 seeds")
+    c.add_argument("--steps", type=int, default=200)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--max-len", type=int, default=32)
+    c.add_argument("--dropout", type=float, default=0.0, help="encoder/head dropout (0: runs under one epoch)")
+    c.add_argument("--eval-limit", type=int, default=1000)
+    c.add_argument("--train-eval-limit", type=int, default=256)
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--methods", nargs="+", default=list(CLASSIFY_METHODS), choices=CLASSIFY_METHODS)
+    c.add_argument("--out", default=str(ROOT / "runs" / "train_results"))
+    c.add_argument("--report-only", action="store_true")
+    c.add_argument("--dry-run", action="store_true", help="print the commands only")
+    m = sub.add_parser("lm", help="SmolLM2-135M-Instruct on train.arith: base vs LoRA vs LoRA-Pro")
+    m.add_argument("--out", default="runs/lm-sweep")
+    m.add_argument("--model", default="smollm2")
+    m.add_argument("--methods", nargs="+", default=list(LM_METHODS), choices=LM_METHODS)
+    m.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 2e-3])
+    m.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    m.add_argument("--steps", type=int, default=80)
+    m.add_argument("--batch-size", type=int, default=4)
+    m.add_argument("--eval-limit", type=int, default=100)
+    m.add_argument("--val-limit", type=int, default=50)
+    m.add_argument("--timing-steps", type=int, default=8, help="0: no 4-bit/float32 timing pair")
+    m.add_argument("--dry-run", action="store_true", help="print the commands only")
+    m.add_argument("--summarise", action="store_true")
+    m.add_argument("--samples", type=int, default=0)
+    m.add_argument("--timing-rounds", type=int, default=0,
+                   help="only time the 4-bit vs float32 base train step, interleaved in one process")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.experiment == "classify":
+        if not a.report_only:
+            classify_sweep(a)
+        if not a.dry_run:
+            print(classify_report(a))
+        return 0
+    if a.timing_rounds:
+        lm_timing(a.model, a.timing_rounds, a.batch_size)
+        return 0
+    if a.summarise or a.samples:
+        if a.summarise:
+            lm_summarise(Path(a.out))
+        if a.samples:
+            lm_samples(Path(a.out), a.samples)
+        return 0
+    lm_sweep(a)
+    lm_summarise(Path(a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
