@@ -338,7 +338,7 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--rounds", type=int, default=None, help="default 7 (minilm), 3 (bert-base); with --all: the benchmarks' and profiles' rounds")
+    p.add_argument("--rounds", type=int, default=None, help="default 7 (minilm), 3 (bert-base), 5 with --profile or --optimizer-updates; with --all: the benchmarks' and profiles' rounds")
     p.add_argument("--steps", type=int, default=2, help="training steps per timed block")
     p.add_argument("--fwd-steps", type=int, default=4, help="forward passes per timed block")
     p.add_argument("--pause", type=float, default=0.3, help="seconds between blocks")
@@ -354,7 +354,7 @@ def main(argv=None):
     p.add_argument("--all", action="store_true",
                    help="everything bench/RESULTS.md reports from this comparison, in order: create the peers "
                         "venv, show lora-pro-adamw's definition differences, run the cross-check tests (fast and "
-                        "slow, figures printed), then this benchmark on MiniLM and on BERT-base")
+                        "slow, figures printed), then this benchmark on MiniLM and on BERT-base, then the profiles")
     args = p.parse_args(argv)
     if args.all:
         return run_all(args.rounds)
