@@ -29,7 +29,7 @@ def measure(model_dir: Path, mesh: str | None, adapters: str, batch: int, seq: i
     state = par.on_devices(setup.optimizer.init(tr))  # moments split like their weights (from the factors)
     if adapters == "replicated" and par.kind == "mesh":
         tr = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(par.mesh, P())), tr)
-    step, _ = classify.make_steps(setup, args.method, None, par)
+    step, _ = classify.make_steps(setup, args.method, par=par)
     rng = np.random.default_rng(0)
     rows = {"input_ids": rng.integers(1000, 2000, (batch, seq)).astype(np.int32),
             "attention_mask": np.ones((batch, seq), np.int32), "token_type_ids": np.zeros((batch, seq), np.int32),
