@@ -76,7 +76,7 @@ def _args(tiny, out, *extra, steps=STEPS, method="lora"):
 
 
 def _losses(run_dir):
-    from train.classify import read_metrics
+    from train.metrics import read_metrics
 
     return read_metrics(Path(run_dir) / "metrics.jsonl")
 
@@ -111,7 +111,7 @@ def test_model_dir_missing_files_named(tmp_path):
 def test_bad_numeric_flags_are_refused_before_anything_loads(flag, value, rule, monkeypatch):
     from train import classify
 
-    monkeypatch.setattr(classify, "resolve_model", lambda name: pytest.fail("loaded a model"))
+    monkeypatch.setattr(classify.TASK, "resolve_model", lambda name: pytest.fail("loaded a model"))
     with pytest.raises(classify.ConfigError, match=rf"^{flag} must be {rule}, got "):
         classify.main([flag, value, "--out", "/nonexistent"])
 

@@ -221,7 +221,7 @@ def test_unknown_model_lists_choices(tmp_path):
 def test_bad_numeric_flags_are_refused_before_anything_loads(flag, value, rule, monkeypatch):
     from train import lm
 
-    monkeypatch.setattr(lm, "resolve_model", lambda name: pytest.fail("loaded a model"))
+    monkeypatch.setattr(lm.TASK, "resolve_model", lambda name: pytest.fail("loaded a model"))
     with pytest.raises(lm.ConfigError, match=rf"^{flag} must be {rule}, got "):
         lm.main([flag, value, "--out", "/nonexistent"])
 

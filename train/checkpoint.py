@@ -1,5 +1,4 @@
-"""Orbax checkpoints for the trainers (`train.classify`, `train.lm`, through `train.loop`),
-verified on restore.
+"""Orbax checkpoints for the trainers (`train.loop` opens and writes them), verified on restore.
 
 One checkpoint = one orbax step directory ``<dir>/<step>/`` with two items:
 
@@ -31,16 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.parallel import sync, to_host
+from train.errors import CheckpointError
+from train.hosts import is_primary, sync, to_host
 
 __all__ = ["CheckpointError", "Checkpointer", "tree_checksum", "dir_bytes"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used (unreadable, truncated, corrupted, or from another run)."""
 
 
 def _leaf_bytes(x) -> tuple[np.ndarray, bytes]:
@@ -82,6 +79,15 @@ def _abstract(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     x = np.asarray(x)
     return np.zeros(x.shape, x.dtype)
+
+
+def _placed_like(x, want):
+    """Restored `x` placed as `want` is. orbax commits what it restores to a device; where `want` is
+    not committed (a fresh array on the default device), neither is the result, so that a jitted step
+    sees the same arguments as in a fresh run and does not compile again for a resumed one."""
+    if not isinstance(x, jax.Array) or (isinstance(want, jax.Array) and not want.committed):
+        return jnp.asarray(to_host(x))
+    return x
 
 
 class Checkpointer:
@@ -130,7 +136,7 @@ class Checkpointer:
         (or `force`). Returns whether a checkpoint was written (and finalized)."""
         if not force and step % self.every:
             return False  # (orbax alone would also save the first step it sees)
-        leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+        leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in jax.tree.leaves(tree)]
         # the checksum needs every byte in every process: arrays split across processes are gathered
         # one array at a time (a host holds one whole array at most, not the whole state)
         digest, crcs = tree_checksum(to_host(x) for x in leaves)
@@ -143,7 +149,7 @@ class Checkpointer:
             force=force,
         )
         self.manager.wait_until_finished()
-        if saved and jax.process_index() == 0:
+        if saved and is_primary():
             self._write_manifest(int(step))
         sync(f"checkpoint_manifest_{step}")
         return bool(saved)
@@ -214,7 +220,7 @@ class Checkpointer:
                 if earlier else f"Delete {path} ")
         hint += "or start the run again without --resume (with --overwrite)."
         self._check_manifest(step, hint)
-        like_leaves, treedef = jax.tree_util.tree_flatten(like)
+        like_leaves, treedef = jax.tree.flatten(like)
         # restored straight into `like`'s shardings: a checkpoint written on one mesh (or by several
         # processes) loads onto any other
         abstract = {_key(i): _abstract(x) for i, x in enumerate(like_leaves)}
@@ -246,9 +252,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {path} is corrupted: the restored arrays do not match the checksum "
                 f"saved with them (damaged arrays: {bad[:10]}). {hint}")
-        tree = jax.tree_util.tree_unflatten(
-            treedef, [x if isinstance(x, jax.Array) else jax.numpy.asarray(x) for x in arrays])
-        return tree, meta
+        return jax.tree.unflatten(treedef, [_placed_like(x, want) for x, want in zip(arrays, like_leaves)]), meta
 
     def close(self) -> None:
         self.manager.close()

@@ -14,8 +14,10 @@ Runs go to ``--out`` (default ``runs/demo``): metrics, checkpoints and ``loss.pn
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+
+from train import classify
+from train.task import cli
 
 METHODS = ("lora", "lora-pro")
 
@@ -33,9 +35,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-
-    from train import classify
-
     rows = []
     t0 = time.time()
     for method in METHODS:
@@ -62,16 +61,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from train.demo import main as _main  # through the package module
-
-    try:
-        _main()
-    except Exception as e:  # bad input / missing assets: a message, not a traceback
-        from train.assets import AssetError
-        from train.checkpoint import CheckpointError
-        from train.classify import ConfigError
-
-        if isinstance(e, (AssetError, CheckpointError, ConfigError)):
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2)
-        raise
+    raise SystemExit(cli(main))

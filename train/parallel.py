@@ -14,14 +14,14 @@ Layouts (``--mesh`` / ``--pmap``, `from_args`):
   full-shape moments are split exactly like ``w``). ``data=N`` alone is plain data parallelism
   (everything replicated), ``fsdp=N`` alone is ZeRO-3-style full sharding. This is the recommended
   form: one program, any mesh, many processes.
-* ``--pmap``: the design card's form: ``jax.pmap`` over the local devices with the axis name
+* ``--pmap``: ``jax.pmap`` over the local devices with the axis name
   ``"batch"``; the trainable half, optimizer state and frozen weights are replicated per device, each
   device takes ``batch / local_device_count`` rows, and the gradients are averaged with
   ``lax.pmean`` before the optimizer. Data parallel only, and one process only (jit + a mesh does
   both and more). Dropout keys are folded with the device index, so masks differ from a one-device
   run's (train with ``--dropout 0 --lora-dropout 0`` to compare).
 
-Processes (``--distributed``, `init_distributed`): ``jax.distributed.initialize`` with
+Processes (``--distributed``, `train.hosts.init_distributed`): ``jax.distributed.initialize`` with
 ``--coordinator host:port --num-processes N --process-id i`` (or, without them, JAX's own
 detection on Cloud TPU pods, SLURM, Open MPI, ...). Every process runs the same program on the
 same data (batches are a pure function of seed and step, `train.loop.BatchOrder`) and
@@ -40,9 +40,14 @@ import os
 import warnings
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from train.loop import ConfigError
+from lora_jax.paths import flatten_with_paths
+from train.errors import ConfigError
 
 BATCH_AXIS = "batch"  # pmap's axis name
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="  # turns XLA:CPU's YNNPACK fusions off
@@ -97,56 +102,6 @@ def parse_mesh(spec: str, device_count: int) -> dict[str, int]:
     return sizes
 
 
-def init_distributed(args) -> None:
-    """``jax.distributed.initialize`` if the flags ask for it; must run before any JAX computation."""
-    wanted = args.distributed or args.coordinator is not None
-    if not wanted:
-        if args.num_processes is not None or args.process_id is not None:
-            raise ConfigError("--num-processes/--process-id need --coordinator (or --distributed)")
-        return
-    import jax
-
-    kw = {}
-    if args.coordinator is not None:
-        if args.num_processes is None or args.process_id is None:
-            raise ConfigError("--coordinator needs --num-processes and --process-id")
-        if not 0 <= args.process_id < args.num_processes:
-            raise ConfigError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
-        kw = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                  process_id=args.process_id)
-    if args.heartbeat_timeout < 1:
-        raise ConfigError(f"--heartbeat-timeout must be >= 1, got {args.heartbeat_timeout}")
-    if not jax.distributed.is_initialized():
-        jax.distributed.initialize(**kw, heartbeat_timeout_seconds=args.heartbeat_timeout)
-
-
-def is_primary() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
-def sync(name: str) -> None:
-    """A barrier over all processes (no-op with one)."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def to_host(x) -> np.ndarray:
-    """A NumPy copy of the whole of `x`, also of an array split across processes (gathered)."""
-    import jax
-
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 @dataclasses.dataclass
 class Parallel:
     """A layout: ``kind`` is ``"single"``, ``"mesh"`` or ``"pmap"``; `mesh` for ``"mesh"``."""
@@ -162,13 +117,9 @@ class Parallel:
 
     @property
     def batch_divisor(self) -> int:
-        import jax
-
         return {"single": 1, "mesh": jax.device_count(), "pmap": jax.local_device_count()}[self.kind]
 
     def describe(self) -> str:
-        import jax
-
         if self.kind == "mesh":
             return (f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices in "
                     f"{jax.process_count()} process(es)")
@@ -179,8 +130,6 @@ class Parallel:
     def check_batch(self, batch_size: int, flag: str = "--batch-size", factored: bool = True) -> None:
         """`batch_size` must split evenly over the devices; with `factored` (a step that runs LoRA's
         factored product), not one row per CPU device (an XLA:CPU miscompile, see below)."""
-        import jax
-
         d = self.batch_divisor
         if batch_size % d:
             raise ConfigError(f"{flag} {batch_size} must be a multiple of the {d} devices the batch is "
@@ -197,8 +146,6 @@ class Parallel:
 
     def param_spec(self, shape, batch_axes: int = 0):
         """FSDP spec of a parameter: its largest non-batch axis that ``fsdp`` divides, for ndim ≥ 2."""
-        from jax.sharding import PartitionSpec as P
-
         f = self.fsdp
         if f == 1 or len(shape) < 2:
             return P()
@@ -215,10 +162,7 @@ class Parallel:
         which are never split."""
         if self.kind != "mesh":
             return params
-        import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
 
-        from lora_jax.paths import flatten_with_paths
 
         leaves, treedef = flatten_with_paths(params)
         out, whole = [], []
@@ -232,15 +176,11 @@ class Parallel:
         if whole:
             warnings.warn(f"fsdp={self.fsdp} divides no axis of {len(whole)} parameter(s), which stay "
                           f"replicated: {'; '.join(whole[:8])}", UserWarning, stacklevel=2)
-        return jax.tree_util.tree_unflatten(treedef, out)
+        return jax.tree.unflatten(treedef, out)
 
     def batch(self, arrays: dict) -> dict:
         """A global batch (the same NumPy rows in every process) as device arrays: rows split over
         every mesh axis; for pmap, reshaped to (local devices, rows per device, ...)."""
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
         if self.kind == "single":
             return {k: jnp.asarray(v) for k, v in arrays.items()}
         if self.kind == "pmap":
@@ -253,10 +193,6 @@ class Parallel:
         """An evaluation batch: rows split as `batch` when the devices divide them, else replicated
         on the mesh (the last, padded batch may not divide); one device for pmap (evaluation runs
         on device 0's copy)."""
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
         if self.kind != "mesh":
             return {k: jnp.asarray(v) for k, v in arrays.items()}
         n = len(next(iter(arrays.values())))
@@ -267,9 +203,6 @@ class Parallel:
     def on_devices(self, tree):
         """On a mesh: every leaf not already placed on it (an optimizer's step count, say) replicated
         over it, so a jitted step sees global arrays only (required with several processes)."""
-        import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
         if self.kind != "mesh":
             return tree
 
@@ -278,13 +211,11 @@ class Parallel:
             if isinstance(s, NamedSharding) and s.mesh == self.mesh:
                 return x
             return put_global(x, NamedSharding(self.mesh, P()))
-        return jax.tree_util.tree_map(place, tree)
+        return jax.tree.map(place, tree)
 
     def for_step(self, tree):
         """`tree` in the form the step takes: for pmap a copy per local device (leading axis);
         unchanged otherwise."""
-        import jax
-
         if self.kind == "pmap":
             # copied by a pmap itself, so the copies carry the sharding the step's outputs will have
             # (a device_put to a NamedSharding would make the second step compile again)
@@ -295,10 +226,8 @@ class Parallel:
 
     def unreplicated(self, tree):
         """The inverse of `for_step` (device 0's copy for pmap); the identity otherwise."""
-        import jax
-
         if self.kind == "pmap":
-            return jax.tree_util.tree_map(lambda x: x[0], tree)
+            return jax.tree.map(lambda x: x[0], tree)
         return tree
 
     def key(self) -> tuple:
@@ -310,8 +239,6 @@ class Parallel:
     def train_step(self, loss_fn: Callable, optimizer) -> Callable:
         """``step(tr, opt_state, frozen, batch, key) -> (tr, opt_state, loss)``, compiled for this
         layout; `loss_fn(tr, frozen, batch, key)` is the mean loss of the rows it is given."""
-        import jax
-        import optax
 
         def one_step(tr, opt_state, fr, batch, key):
             loss, grads = jax.value_and_grad(loss_fn)(tr, fr, batch, key)
@@ -349,13 +276,10 @@ class _PinnedStep:
         self.fn, self.mesh, self.jitted = fn, mesh, {}
 
     def _for(self, tr, opt_state):
-        import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        leaves, treedef = jax.tree_util.tree_flatten((tr, opt_state))
+        leaves, treedef = jax.tree.flatten((tr, opt_state))
         key = (treedef, tuple(x.sharding for x in leaves))
         if key not in self.jitted:
-            state_out = jax.tree_util.tree_unflatten(treedef, list(key[1]))
+            state_out = jax.tree.unflatten(treedef, list(key[1]))
             self.jitted[key] = jax.jit(self.fn, donate_argnums=(0, 1),
                                        out_shardings=(*state_out, NamedSharding(self.mesh, P())))
         return self.jitted[key]
@@ -370,8 +294,6 @@ class _PinnedStep:
 def put_global(x, sharding):
     """`x` (a host array, or a one-device array holding the same value in every process) as a
     global array with `sharding`: each process fills only its own devices' shards."""
-    import jax
-
     if isinstance(x, jax.Array) and x.sharding == sharding:
         return x
     host = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else None
@@ -381,9 +303,7 @@ def put_global(x, sharding):
 
 
 def from_args(args) -> Parallel:
-    """The layout the flags ask for (after `init_distributed`)."""
-    import jax
-
+    """The layout the flags ask for (after `train.hosts.init_distributed`)."""
     if args.pmap and args.mesh:
         raise ConfigError("--pmap and --mesh are two layouts: give one")
     if args.pmap:
@@ -392,7 +312,6 @@ def from_args(args) -> Parallel:
         return Parallel("pmap")
     if args.mesh:
         sizes = parse_mesh(args.mesh, jax.device_count())
-        from jax.sharding import AxisType
 
         # Auto axes: XLA's sharding propagation decides the layout of intermediates (GSPMD)
         mesh = jax.make_mesh((sizes["data"], sizes["fsdp"]), ("data", "fsdp"),

@@ -1,0 +1,69 @@
+"""The command-line flags every trainer has, and their checks before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from train.errors import ConfigError
+from train.hosts import COMPILE_CACHE_ENV
+
+LORA_METHODS = ("lora", "lora-pro", "lora-pro-adamw")
+
+
+def add_common_args(p: argparse.ArgumentParser, *, methods, default_lr: dict, targets_help: str,
+                    steps: int = 300, batch_size: int = 32, eval_every: int = 100, out: str = "runs/run") -> None:
+    """The flags every trainer has (method, LoRA shape, schedule, seeds, limits, checkpoints, output)."""
+    p.add_argument("--method", default="lora", choices=methods)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default=None, help=targets_help)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per method: {default_lr})")
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out examples")
+    p.add_argument("--eval-every", type=int, default=eval_every)
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint interval (steps); 0: only at the end")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--out", default=out)
+    p.add_argument("--name", default=None, help="run directory name (default: <method>-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help=f"JAX's persistent compilation cache, so a later run loads the compiled steps "
+                        f"instead of compiling them again; 'off' for none (default: ${COMPILE_CACHE_ENV}, "
+                        f"else <lora_jax cache>/jax_compilation)")
+
+
+# (flag, test, what it must be): every numeric flag is checked before anything loads; a trainer
+# without one of these flags skips its rule
+NUMERIC_RULES = [
+    *((name, lambda v: v >= 1, ">= 1") for name in (
+        "steps", "batch_size", "eval_every", "max_len", "eval_batch_size", "rank", "keep",
+        "train_limit", "eval_limit", "train_size", "max_new_tokens")),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("alpha", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("ckpt_every", lambda v: v >= 0, ">= 0"),
+    ("train_eval_limit", lambda v: v >= 0, ">= 0"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("data_seed", lambda v: v >= 0, ">= 0"),
+]
+
+
+def check_numeric(args: argparse.Namespace, rules=NUMERIC_RULES) -> None:
+    """Raise `ConfigError` naming the first numeric flag outside its range (NaN included)."""
+    for name, ok, rule in rules:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {value}")

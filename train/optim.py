@@ -1,0 +1,30 @@
+"""A trainer's learning-rate schedule and its optimizer for each method."""
+
+from __future__ import annotations
+
+import optax
+
+import lora_jax
+
+
+def make_schedule(args):
+    """Linear warmup over ``warmup_ratio·steps``, then cosine decay to 0 at ``steps`` (or constant)."""
+    warm = int(round(args.warmup_ratio * args.steps))
+    if args.schedule == "constant":
+        if warm == 0:
+            return optax.constant_schedule(args.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, args.lr, warm), optax.constant_schedule(args.lr)], [warm])
+    return optax.warmup_cosine_decay_schedule(0.0, args.lr, warm, max(args.steps, warm + 1), end_value=0.0)
+
+
+def make_optimizer(method: str, schedule, weight_decay: float, compute_dtype=None):
+    """The method's optimizer: AdamW for ``full``/``probe``/``lora``; ``lora-pro`` chains
+    `lora_jax.lora_pro` before AdamW; ``lora-pro-adamw`` is `lora_jax.lora_pro_adamw` (non-LoRA
+    leaves get AdamW inside it). `compute_dtype` is LoRA-Pro's (float32 by default; float64 for a
+    float64 model, so that nothing in the step rounds to float32)."""
+    if method == "lora-pro-adamw":
+        return lora_jax.lora_pro_adamw(schedule, weight_decay=weight_decay, compute_dtype=compute_dtype)
+    adamw = optax.adamw(schedule, weight_decay=weight_decay)
+    if method == "lora-pro":
+        return optax.chain(lora_jax.lora_pro(compute_dtype=compute_dtype), adamw)
+    return adamw

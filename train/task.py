@@ -1,0 +1,299 @@
+"""One trainer framework: a `Task` supplies what is its own (model, data, loss, evaluation, summary
+fields); the command line, its checks, the run directory, resume, the loop, ``summary.json``, the
+plot and the error handling are written here once, for every task (`train.classify`, `train.lm`).
+
+A task subclasses `Task`, sets its class attributes (program name, models, methods, default
+learning rates, the trajectory flags a resumed run must agree on, ...) and fills in the hooks:
+
+* ``add_args(p)`` / ``check_args(args)``: its own flags and their checks (after `flags.check_numeric`);
+* ``check_layout(args, par)``: refusals of a device layout (before any model is read);
+* ``resolve_model(name)``: the local path of a model name (fetching a known one);
+* ``build(args, path, par=None)``: the model and its halves, a `Setup` (`build_setup` does the common
+  part: ``full``/``probe``/LoRA halves, FSDP placement, optimizer and sizes);
+* ``load_data(job)``: the task's data, an object whose ``train`` dict holds the training arrays
+  (rows selected by `train.loop.BatchOrder`, columns `batch_keys`);
+* ``loss(forward, params, batch, key)``: the mean training loss of a batch; ``eval_step(setup)``:
+  the jitted function its evaluation calls;
+* ``evaluate(job, tr)``: the metrics logged every ``--eval-every`` steps (``eval_acc``, ``eval_loss``, ...);
+* ``before_training(job)`` / ``after_training(job, result)``: summary fields of their own (a base
+  model's score, a PEFT export, samples ...); ``score_text(summary)``: its part of the summary line.
+
+`Task.run` is then the same for every task: resolve and build, load the data, open (or resume) the
+run, train with `train.loop.train_loop`, write ``summary.json`` and the loss plot of ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+import lora_jax
+from train import flags, loop, parallel
+from train.errors import USER_ERRORS, ConfigError
+from train.hosts import compile_cache_dir, init_distributed, is_primary, use_compile_cache
+from train.metrics import count, nbytes, plot_runs
+from train.optim import make_optimizer, make_schedule
+
+COMMON_SUMMARY = ("train_loss_last10pct", "final_loss", "sec_per_step", "wall_s", "checkpoint_bytes")
+
+
+@dataclasses.dataclass
+class Setup:
+    """A built model: its trainable and frozen halves, optimizer, schedule and sizes."""
+
+    model: Any
+    base: Any  # the loaded parameters, placed for the layout, before any adapter (the model before training)
+    trainable: Any
+    frozen: Any  # None for full fine-tuning
+    optimizer: Any
+    schedule: Any
+    num_params: int  # a quantized weight counts its logical shape
+    num_trainable: int
+    model_bytes: int  # bytes of the full model's parameters (quantized weights: their stored blocks)
+
+
+@dataclasses.dataclass
+class Job:
+    """One run in progress, as a task's hooks see it."""
+
+    args: argparse.Namespace
+    par: parallel.Parallel
+    path: Path  # the resolved model
+    run_dir: Path
+    setup: Any
+    data: Any = None  # the task's `load_data`
+    eval_step: Callable | None = None
+
+
+def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run ``main(argv)`` as a command: bad input (`train.errors`: `ConfigError`, `AssetError`,
+    `CheckpointError`) becomes one line on stderr and exit status 2, not a traceback."""
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def combined(tr, fr):
+    """The whole parameter tree of a (trainable, frozen) pair (frozen is None for full fine-tuning)."""
+    return tr if fr is None else lora_jax.combine(tr, fr)
+
+
+def _halves(args, par: parallel.Parallel, params, *, forward, example, default_targets, head, **apply_kw):
+    """(placed params, trainable, frozen) of `params` for ``--method``."""
+    if args.method in ("full", "probe"):
+        params = par.place_params(params)
+        return (params, params, None) if args.method == "full" else (params, *lora_jax.split(params, head))
+    targets = args.targets or default_targets
+    # axis roles read from how the model uses each kernel (a shape alone cannot say)
+    layout = lora_jax.layout_of(forward, params, example)
+    params = par.place_params(params, layout)  # FSDP: adapters are then created split like their kernels
+    try:
+        adapted = lora_jax.apply(params, args.rank, alpha=args.alpha, targets=targets, layout=layout,
+                                 key=jax.random.fold_in(jax.random.key(args.seed), 1), **apply_kw)
+    except ValueError as e:
+        raise ConfigError(f"--targets {targets!r}: {e}") from e
+    return (params, *lora_jax.split(adapted, head))
+
+
+def build_setup(args, par: parallel.Parallel | None, model, params, *, forward, example, default_targets,
+                head=None, compute_dtype=None, cls=Setup, extra: dict | None = None, **apply_kw) -> Setup:
+    """The `Setup` (or `cls`, a subclass, with the `extra` fields) of `model` with `params`:
+    everything trains (``full``), only the `head` selector (``probe``), or LoRA adapters on
+    ``--targets`` (default `default_targets`) plus `head`, with axis roles read from
+    ``forward(params, example)``; ``lora_jax.apply`` also gets `apply_kw`. Placed for `par`
+    (default one device); the optimizer is ``--method``'s (`train.optim`)."""
+    par = par or parallel.Parallel("single")
+    model_bytes = nbytes(params)
+    num_params = count(params)
+    base, trainable, frozen = _halves(args, par, params, forward=forward, example=example,
+                                      default_targets=default_targets, head=head, **apply_kw)
+    schedule = make_schedule(args)
+    optimizer = make_optimizer(args.method, schedule, args.weight_decay, compute_dtype=compute_dtype)
+    return cls(model, base, trainable, frozen, optimizer, schedule, num_params, count(trainable), model_bytes,
+               **(extra or {}))
+
+
+def compile_ahead(step, example: tuple) -> tuple[Callable, dict | None]:
+    """`step` compiled for the shapes of `example`, and its ``memory_analysis()`` in bytes
+    (argument, output, temp, generated code; None where the backend gives none)."""
+    compiled = step.lower(*example).compile()
+    mem = compiled.memory_analysis()
+    return compiled, None if mem is None else {
+        k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "generated_code")}
+
+
+class Task:
+    """A kind of training (see the module docstring); subclasses set these and the hooks."""
+
+    prog: str  # "python -m train.x"
+    description: str
+    models: dict[str, str]  # known model names → where they come from
+    default_model: str
+    model_help: str
+    methods: tuple[str, ...]
+    default_lr: dict[str, float]
+    trajectory: tuple[str, ...]  # flags a resumed run must agree on
+    model_key: str  # config.json's key for the resolved model path
+    batch_keys: tuple[str, ...]  # columns of `load_data(...).train` a training batch holds
+    common_defaults: dict = {}  # `flags.add_common_args` keywords (out, steps, batch size, ...)
+    parser_defaults: dict = {}  # defaults of common flags changed afterwards
+    reports_step_memory = False  # compile the step ahead and report its memory analysis
+
+    # ------------------------------------------------------------------ hooks
+
+    def add_args(self, p: argparse.ArgumentParser) -> None:
+        pass
+
+    def check_args(self, args: argparse.Namespace) -> None:
+        pass
+
+    def check_layout(self, args, par: parallel.Parallel) -> None:
+        par.check_batch(args.batch_size)
+
+    def resolve_model(self, name: str) -> Path:
+        raise NotImplementedError
+
+    def build(self, args, path: Path, par: parallel.Parallel | None = None) -> Setup:
+        raise NotImplementedError
+
+    def load_data(self, job: Job) -> Any:
+        raise NotImplementedError
+
+    def loss(self, forward, params, batch, key):
+        raise NotImplementedError
+
+    def eval_step(self, setup) -> Callable:
+        raise NotImplementedError
+
+    def evaluate(self, job: Job, tr) -> dict:
+        raise NotImplementedError
+
+    def before_training(self, job: Job) -> dict:
+        return {}
+
+    def after_training(self, job: Job, result: loop.LoopResult) -> dict:
+        return {}
+
+    def score_text(self, summary: dict) -> str:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the command line
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=self.prog, description=self.description,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--model", default=self.default_model, help=self.model_help)
+        flags.add_common_args(p, methods=self.methods, default_lr=self.default_lr, **self.common_defaults)
+        p.set_defaults(**self.parser_defaults)
+        self.add_args(p)
+        parallel.add_args(p)
+        return p
+
+    def parse_args(self, argv: list[str] | None = None) -> argparse.Namespace:
+        """The flags of `argv`, checked (`ConfigError`) before anything loads."""
+        args = self.build_parser().parse_args(argv)
+        if args.lr is None:
+            args.lr = self.default_lr[args.method]
+        flags.check_numeric(args)
+        self.check_args(args)
+        return args
+
+    def unknown_model(self, name: str, what: str) -> ConfigError:
+        """The error for a model name that is neither known nor `what` (a local checkpoint)."""
+        known = ", ".join(sorted(self.models))
+        return ConfigError(f"unknown model {name!r}: choose one of {known} "
+                           f"({'; '.join(f'{k}: {v}' for k, v in self.models.items())}), or give {what}")
+
+    # ------------------------------------------------------------------ the run
+
+    def make_steps(self, setup, method: str, par: parallel.Parallel | None = None):
+        """(train_step, eval_step), compiled for the layout `par` (default one device). LoRA methods
+        run the forward through `lora_jax.wrap` (factored products, no full-weight gradients)."""
+        par = par or parallel.Parallel("single")
+        forward = setup.model.apply if method == "full" else lora_jax.wrap(setup.model.apply)
+
+        def loss_fn(tr, fr, batch, key):
+            return self.loss(forward, combined(tr, fr), batch, key)
+
+        return par.train_step(loss_fn, setup.optimizer), self.eval_step(setup)
+
+    def run(self, args: argparse.Namespace) -> dict:
+        """Train as `args` say; returns the summary (also written to ``summary.json``)."""
+        par = parallel.from_args(args)
+        self.check_layout(args, par)
+        path = self.resolve_model(args.model)
+        run_dir = loop.prepare_run_dir(args)
+        # everything that can be refused is checked before any step: --targets matching nothing
+        # fails in `build`, before any data are loaded
+        job = Job(args, par, path, run_dir, self.build(args, path, par=par))
+        job.data = self.load_data(job)
+        setup, train = job.setup, job.data.train
+        config = {**{k: getattr(args, k) for k in self.trajectory}, self.model_key: str(path)}
+        # the optimizer state is created where the trainable half lives (moments split like their weights)
+        opened = loop.open_run(args, run_dir, config, self.trajectory, setup.trainable,
+                               par.on_devices(setup.optimizer.init(setup.trainable)))
+        order = loop.BatchOrder(args.seed, len(train[self.batch_keys[0]]), args.batch_size)
+        train_step, job.eval_step = self.make_steps(setup, args.method, par)
+        opened.tr, opened.opt_state = par.for_step((opened.tr, opened.opt_state))  # pmap: a copy per device
+        frozen = par.for_step(setup.frozen)
+
+        def get_batch(idx):
+            return par.batch({k: train[k][idx] for k in self.batch_keys})
+
+        fields = {}
+        if self.reports_step_memory:  # compiled once, for its memory analysis, then used for the steps
+            example = (opened.tr, opened.opt_state, frozen, get_batch(order.indices(0)), loop.step_key(args.seed, 0))
+            train_step, fields["step_memory_bytes"] = compile_ahead(train_step, example)
+        fields.update(self.before_training(job))
+        res = loop.train_loop(opened, train_step=train_step, frozen=frozen, schedule=setup.schedule, order=order,
+                              get_batch=get_batch, evaluate=lambda tr: self.evaluate(job, tr), bar_metric="eval_acc",
+                              model_bytes=setup.model_bytes, desc=f"{args.method} s{args.seed}",
+                              view=par.unreplicated)
+        summary = self.summarize(job, res, {**fields, **self.after_training(job, res)})
+        if is_primary():
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            if not args.no_plot:
+                plot_runs(args.out)
+        return summary
+
+    def summarize(self, job: Job, res: loop.LoopResult, fields: dict) -> dict:
+        """The summary every task reports, then the task's own `fields`."""
+        args, setup, common = job.args, job.setup, res.common_summary()
+        return {"method": args.method, "seed": args.seed, "steps": args.steps, "lr": args.lr,
+                "trainable_params": setup.num_trainable, "total_params": setup.num_params,
+                "eval_acc": res.final.get("eval_acc"), "eval_loss": res.final.get("eval_loss"),
+                **{k: common[k] for k in COMMON_SUMMARY}, "full_model_param_bytes": setup.model_bytes,
+                "params_sha256": common["params_sha256"], "run_dir": str(job.run_dir), **fields}
+
+    def format_summary(self, s: dict) -> str:
+        """The summary's one line: method, seed, parameters, the task's score, loss, speed, checkpoint."""
+        ck = s.get("checkpoint_bytes")
+        ck_txt = (f", checkpoint {ck / 1e6:.2f} MB vs full model params {s['full_model_param_bytes'] / 1e6:.2f} MB"
+                  if ck else "")
+        sps = s.get("sec_per_step")
+        return (f"{s['method']} seed {s['seed']}: {s['trainable_params']:,} trainable params, "
+                f"{self.score_text(s)}, train loss (last 10%) {s['train_loss_last10pct']:.4f}, "
+                f"{'n/a' if sps is None else f'{sps:.3f}'} s/step{ck_txt}")
+
+    def main(self, argv: list[str] | None = None) -> dict:
+        """Parse `argv`, train, print the summary line; returns the summary dict. Bad input raises
+        (`train.errors`); the command line (`cli`) turns it into a message and exit status 2."""
+        args = self.parse_args(argv)
+        use_compile_cache(compile_cache_dir(args.compile_cache))
+        init_distributed(args)  # before anything touches a device
+        summary = self.run(args)
+        if is_primary():
+            print(self.format_summary(summary))
+        return summary
+
+    def cli(self, argv: list[str] | None = None) -> int:
+        return cli(self.main, argv)
