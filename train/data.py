@@ -47,6 +47,7 @@ allocates what it uses).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import hashlib
@@ -379,10 +380,6 @@ def _require_importlib_resources() -> None:
         )
 
 
-# The class attribute itself (mock.patch replaces it; attribute access returns a new wrapper each time).
-_ORIGINAL_DOWNLOAD_AND_PREPARE = vars(tfds.core.DatasetBuilder)["download_and_prepare"]
-
-
 # Datasets whose tfds builder config has no single `data_url` (one of their files).
 _PROBE_URLS = {"glue/mrpc": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt"}
 
@@ -392,8 +389,6 @@ def _check_can_download(name: str, data_dir) -> None:
     prepared yet and its download host cannot be reached (tfds itself would
     retry for minutes and then fail with a bare connection error)."""
     b = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
-    if vars(tfds.core.DatasetBuilder)["download_and_prepare"] is not _ORIGINAL_DOWNLOAD_AND_PREPARE:
-        return  # mocked (tfds.testing.mock_data): nothing is downloaded
     if b.is_prepared():
         return
     url = getattr(b.builder_config, "data_url", None) if b.builder_config is not None else None
@@ -604,8 +599,6 @@ def tokenizer_from(model_dir: str | os.PathLike, max_len: int | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m train.data [NAME ...]``: prepare datasets and print split sizes and label counts."""
-    import argparse
-
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("names", nargs="*", default=[n for n, s in DATASETS.items() if s.offline])
     p.add_argument("--data_dir", default=None)

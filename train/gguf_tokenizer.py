@@ -29,7 +29,13 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+try:  # jinja2 is optional (not a dependency of the `train` extra): without it, `render_chatml`
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+except ImportError:
+    ImmutableSandboxedEnvironment = None
 
 __all__ = ["LlamaTokenizer", "from_gguf_metadata", "byte_level_bpe", "render_chatml",
            "gguf_metadata", "bytes_to_unicode"]
@@ -133,8 +139,6 @@ def render_chatml(template: str, messages: Sequence[dict], add_generation_prompt
 def render_jinja(template: str, messages: Sequence[dict], add_generation_prompt: bool = True,
                  **extra) -> str:
     """Render a chat template with jinja2, configured as transformers configures it."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise ValueError(f"chat template: {message}")
 
@@ -145,11 +149,7 @@ def render_jinja(template: str, messages: Sequence[dict], add_generation_prompt:
 
 
 def _have_jinja2() -> bool:
-    try:
-        import jinja2  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return ImmutableSandboxedEnvironment is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,8 +205,6 @@ class LlamaTokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> "LlamaTokenizer":
         """The tokenizer described by a GGUF file's metadata (see `from_gguf_metadata`)."""
-        import gguf
-
         return from_gguf_metadata(gguf_metadata(gguf.GGUFReader(str(path))))
 
     @classmethod

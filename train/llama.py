@@ -48,9 +48,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gguf.quants import dequantize
+
+import lora_jax
+from train.bert import load_state_dict
+from train.gguf_tokenizer import LlamaTokenizer, gguf_metadata
 
 LORA_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 
@@ -334,8 +340,6 @@ def init_params(config: LlamaConfig, key, dtype=jnp.float32) -> dict:
 
 def _has_lora(params) -> bool:
     """Params that need `lora_jax.wrap`: LoRA nodes or quantized weights."""
-    import lora_jax
-
     special = lambda x: lora_jax.is_lora(x) or lora_jax.is_quantized(x)
     return any(special(x) for x in jax.tree_util.tree_leaves(params, is_leaf=special))
 
@@ -361,7 +365,6 @@ def sample_token(logits, key, temperature: float, top_p: float):
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p", "factored"))
 def _generate(model, params, prompt, prompt_mask, key, eos_id, pad_id, *, max_new_tokens: int,
               temperature: float, top_p: float, factored: bool):
-    import lora_jax
 
     B, T = prompt.shape
     S = T + max_new_tokens
@@ -455,8 +458,6 @@ def permute_qk_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def dequantize_gguf_tensor(tensor) -> np.ndarray:
     """A `gguf.ReaderTensor` as float32 NumPy, in PyTorch's layout (rows = GGUF's last dim)."""
-    from gguf.quants import dequantize
-
     return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
 
 
@@ -504,9 +505,7 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, keep_quantized: bool = Fal
     to `dtype`. The embeddings are tied when the file has no ``output.weight``. Missing or
     unexpected tensors, or shapes that do not fit the metadata, raise `ValueError` listing them.
     """
-    import gguf
 
-    from train.gguf_tokenizer import gguf_metadata
 
     reader = gguf.GGUFReader(str(path))
     meta = gguf_metadata(reader)
@@ -576,8 +575,6 @@ def load_hf(path: str | Path, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
     shards), as ``save_pretrained`` writes it. Linear weights are transposed to (in, out); a
     ``lm_head.weight`` of a tied checkpoint and ``rotary_emb.inv_freq`` buffers are ignored; any
     other unknown or missing key raises `ValueError` listing them."""
-    from train.bert import load_state_dict
-
     path = Path(path)
     cfg_dir = path if path.is_dir() else path.parent
     config = LlamaConfig.from_hf_dict(json.loads((cfg_dir / "config.json").read_text()))
@@ -640,8 +637,6 @@ def load(path: str | Path, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
 
 def load_tokenizer(path: str | Path):
     """The checkpoint's `train.gguf_tokenizer.LlamaTokenizer` (GGUF metadata or ``tokenizer.json``)."""
-    from train.gguf_tokenizer import LlamaTokenizer
-
     path = Path(path)
     return LlamaTokenizer.from_gguf(path) if path.suffix == ".gguf" else LlamaTokenizer.from_dir(
         path if path.is_dir() else path.parent)

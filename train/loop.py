@@ -29,8 +29,8 @@ from tqdm import tqdm
 from train.checkpoint import Checkpointer, tree_checksum
 from train.errors import ConfigError
 from train.hosts import is_primary, sync, to_host
-# nbytes and plot_runs are not used here: callers of `train.loop` import them from it
-from train.metrics import nbytes, plot_runs, read_metrics, write_lines_atomic  # noqa: F401
+# plot_runs is not used here: `train.loop.plot_runs` is where callers have it from
+from train.metrics import plot_runs, read_metrics, write_lines_atomic  # noqa: F401
 
 
 class BatchOrder:

@@ -30,6 +30,7 @@ dict (NumPy), for handing identical weights to PyTorch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -37,8 +38,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from lora_jax import LoRA, is_lora
 from train.bert import BertConfig, hf_key_map
 
 CONFIG_NAME = "adapter_config.json"
@@ -116,7 +121,6 @@ def hf_state_dict(params, config: BertConfig) -> dict[str, np.ndarray]:
         x = _get(p["encoder"], path)
         if x is None:
             raise PeftFormatError(f"encoder/{'/'.join(path)} missing from the tree")
-        from lora_jax import is_lora
 
         if is_lora(x) or not hasattr(x, "shape"):
             raise PeftFormatError(f"encoder/{'/'.join(path)} is not an array (lora_jax.merge the tree first)")
@@ -130,8 +134,6 @@ def hf_state_dict(params, config: BertConfig) -> dict[str, np.ndarray]:
 
 def hf_config_dict(config: BertConfig, num_labels: int | None = None) -> dict[str, Any]:
     """The HF ``config.json`` fields of `config` (plus ``num_labels``)."""
-    import dataclasses
-
     d = dataclasses.asdict(config)
     if num_labels is not None:
         d["num_labels"] = int(num_labels)
@@ -149,12 +151,9 @@ def _number(x: float):
 def adapter_tensors(params, config: BertConfig, *, head: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """``(tensors, per_module)``: PEFT's tensors for the LoRA nodes (and head) of `params`, and
     ``{hf module: (r, scale, dropout)}``. `params` may be the adapted tree or its trainable half."""
-    from lora_jax import is_lora
-
     p = _params(params)
     names = module_map(config, with_pooler=True)
     found = {}
-    import jax
 
     leaves = jax.tree_util.tree_flatten_with_path(p, is_leaf=is_lora)[0]
     tensors: dict[str, np.ndarray] = {}
@@ -197,8 +196,6 @@ def export_peft(directory, params, config: BertConfig, *, rslora: bool = False,
     ``alpha_pattern`` entries under their full module path. ``target_modules`` lists the full
     module paths adapted (exact: a PEFT suffix list such as ``["dense"]`` would also catch the pooler).
     """
-    from safetensors.numpy import save_file
-
     tensors, found = adapter_tensors(params, config, head=head)
     drops = {d for _, _, d in found.values()}
     if len(drops) > 1:
@@ -248,8 +245,6 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def read_peft(directory) -> tuple[dict, dict[str, np.ndarray]]:
     """``(adapter_config, tensors)`` of a PEFT directory (keys as stored)."""
-    from safetensors.numpy import load_file
-
     d = Path(directory)
     if not (d / CONFIG_NAME).is_file():
         raise PeftFormatError(f"{d} has no {CONFIG_NAME}")
@@ -271,9 +266,7 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
     Refused (`PeftFormatError`): DoRA, trained biases, fan_in_fan_out, modules with no counterpart
     in the tree (e.g. pooler adapters when the tree has no pooler), unknown keys, shape mismatches.
     """
-    import jax.numpy as jnp
 
-    from lora_jax import LoRA, is_lora
 
     cfg, tensors = read_peft(directory)
     if cfg.get("peft_type", "LORA") != "LORA":

@@ -134,11 +134,8 @@ def compile_ahead(step, example: tuple) -> tuple[Callable, dict | None]:
 class Task:
     """A kind of training (see the module docstring); subclasses set these and the hooks."""
 
-    prog: str  # "python -m train.x"
-    description: str
-    models: dict[str, str]  # known model names → where they come from
-    default_model: str
-    model_help: str
+    models: dict[str, str]  # known model names → where they come from (the first is --model's default)
+    checkpoint_help: str  # what else --model may name (a local checkpoint)
     methods: tuple[str, ...]
     default_lr: dict[str, float]
     trajectory: tuple[str, ...]  # flags a resumed run must agree on
@@ -189,9 +186,14 @@ class Task:
     # ------------------------------------------------------------------ the command line
 
     def build_parser(self) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog=self.prog, description=self.description,
+        """The task's flags: ``--model``, the common ones (`train.flags`), its own, the devices'.
+        Program name and description come from the task's module (its docstring's first paragraph)."""
+        module = sys.modules[type(self).__module__]
+        p = argparse.ArgumentParser(prog=f"python -m {module.__spec__.name}",
+                                    description=module.__doc__.split("\n\n")[0],
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--model", default=self.default_model, help=self.model_help)
+        p.add_argument("--model", default=next(iter(self.models)),
+                       help=f"one of {sorted(self.models)} or {self.checkpoint_help}")
         flags.add_common_args(p, methods=self.methods, default_lr=self.default_lr, **self.common_defaults)
         p.set_defaults(**self.parser_defaults)
         self.add_args(p)
