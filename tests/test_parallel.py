@@ -323,7 +323,7 @@ def test_xla_cpu_unit_rows_per_device(ynn):
     """The XLA:CPU miscompile that `train.parallel` refuses: with one row per device, the factored
     product is wrong by O(1) under YNNPACK fusion (jaxlib 0.10.2) and exact without it. If a newer
     jaxlib fixes it, this test fails on "on": then drop the refusal in `Parallel.check_batch`."""
-    from train.parallel import YNN_OFF
+    from lora_jax._compat import YNN_OFF
 
     env = _env(8)
     env.pop("JAX_ENABLE_X64")
