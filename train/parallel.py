@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import warnings
 from typing import Any, Callable
 
@@ -46,11 +45,11 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from lora_jax._compat import YNN_OFF, cpu_unit_rows_unsafe
 from lora_jax.paths import flatten_with_paths
 from train.errors import ConfigError
 
 BATCH_AXIS = "batch"  # pmap's axis name
-YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="  # turns XLA:CPU's YNNPACK fusions off
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -129,15 +128,12 @@ class Parallel:
 
     def check_batch(self, batch_size: int, flag: str = "--batch-size", factored: bool = True) -> None:
         """`batch_size` must split evenly over the devices; with `factored` (a step that runs LoRA's
-        factored product), not one row per CPU device (an XLA:CPU miscompile, see below)."""
+        factored product), not one row per CPU device (an XLA:CPU miscompile: `lora_jax._compat`)."""
         d = self.batch_divisor
         if batch_size % d:
             raise ConfigError(f"{flag} {batch_size} must be a multiple of the {d} devices the batch is "
                               f"split over ({self.describe()})")
-        if (factored and self.kind == "mesh" and batch_size == d and jax.default_backend() == "cpu"
-                and YNN_OFF not in os.environ.get("XLA_FLAGS", "")):
-            # jaxlib 0.10.2: XLA:CPU's YNNPACK fusion miscompiles LoRA's factored product when a
-            # device's rows form a unit axis (errors of order 1; tests/test_parallel.py shows it)
+        if factored and self.kind == "mesh" and cpu_unit_rows_unsafe(jax.default_backend(), batch_size // d):
             raise ConfigError(f"{flag} {batch_size} gives each of the {d} CPU devices one row, which XLA:CPU "
                               f"miscompiles (its YNNPACK fusion); use at least 2 rows per device, or set "
                               f"XLA_FLAGS={YNN_OFF} before starting")
