@@ -1,14 +1,41 @@
-"""lora_jax: LoRA as a pure parameter-tree transform, executed factored; LoRA-Pro as optax."""
+"""lora_jax: LoRA as a pure parameter-tree transform, executed factored; LoRA-Pro as optax.
 
-from lora_jax._wrap import LoRAMaterializationError, LoRAMaterializationWarning, wrap
+Modules, lowest layer first (each imports only modules listed before it):
+
+* `_compat` — workarounds for pinned dependency versions, each with a test that says when it can go;
+* `policy` — materialisation warnings, strict mode, the per-call settings, quax's fallback rule;
+* `quant` — quantized frozen weights (`Quantized`, `quantize`);
+* `node` — the `LoRA` node and its orientation (axis roles);
+* `product` — the factored product and its hand-written VJP;
+* `rules` — the quax rules; `wrapping` — `wrap`;
+* `paths`, `sharding`, `layout`, `adapt`, `tree` — tree operations (`layout_of`, `apply`,
+  `split`/`combine`/`merge`);
+* `gram` — the r×r Gram algebra, eigendecompositions in groups;
+* `projection` — LoRA-Pro's matrix math; `preconditioning` — the Riemannian matrix math;
+* `factor_pairs` — how the optimizers find adapter pairs and put results back;
+* `optimizers` — the optax transformations.
+"""
+
+# Adapting a parameter tree
 from lora_jax.adapt import apply, default_roles
 from lora_jax.layout import layout_of
-from lora_jax.lora_pro import LoraProAdamWState, lora_pro, lora_pro_adamw
-from lora_jax.loraplus import loraplus, scale_b
 from lora_jax.node import LoRA, is_lora
-from lora_jax.quant import Quantized, is_quantized, quantize
-from lora_jax.riemannian import riemannian
 from lora_jax.tree import combine, merge, split
+
+# Running functions on adapted trees
+from lora_jax.policy import LoRAMaterializationError, LoRAMaterializationWarning
+from lora_jax.wrapping import wrap
+
+# QLoRA: quantized frozen weights
+from lora_jax.quant import Quantized, is_quantized, quantize
+
+# Optimizers (optax gradient transformations)
+from lora_jax.optimizers import (LoraProAdamWState, lora_pro, lora_pro_adamw, loraplus, riemannian,
+                                 scale_b)
+
+# Matrix-level math, on matrix-form factors a (…, I, r), b (…, r, O)
+from lora_jax.preconditioning import precondition_matrices
+from lora_jax.projection import adjust_matrices, equivalent_kernel_gradient, sylvester_x
 
 __all__ = [
     "LoRA",
@@ -16,9 +43,11 @@ __all__ = [
     "LoRAMaterializationWarning",
     "LoraProAdamWState",
     "Quantized",
+    "adjust_matrices",
     "apply",
     "combine",
     "default_roles",
+    "equivalent_kernel_gradient",
     "is_lora",
     "is_quantized",
     "layout_of",
@@ -26,9 +55,11 @@ __all__ = [
     "lora_pro_adamw",
     "loraplus",
     "merge",
+    "precondition_matrices",
     "quantize",
     "riemannian",
     "scale_b",
     "split",
+    "sylvester_x",
     "wrap",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -198,14 +199,13 @@ def apply(
         node = _init_node(w, roles, int(r), scale, init, dropout, adapter_dtype,
                           jax.random.fold_in(key, i))
         if quantize is not None and not is_quantized(node.w):
-            node = LoRA(w=_quantize(node.w, quantize), a=node.a, b=node.b, scale=node.scale,
-                        roles=node.roles, dropout=node.dropout)
+            node = dataclasses.replace(node, w=_quantize(node.w, quantize))
         out[i] = node
     if capped:
         warnings.warn(f"rank {rank} exceeds min(in, out) of {len(capped)} kernel(s), which get "
                       f"a full-rank adapter of rank min(in, out) instead (scale = alpha/r with that "
                       f"r): {'; '.join(capped)}", UserWarning, stacklevel=2)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, out)
 
 
 def _as_matrix(x, roles):
@@ -258,4 +258,4 @@ def _init_factors(w, roles, r, scale, init, dropout, dtype, key):
     b = b_m.reshape(b_shape).astype(dtype)
     node = LoRA(w=w, a=a, b=b, scale=scale, roles=roles, dropout=dropout)
     residual = w.astype(jnp.float32) - node.delta(jnp.float32)
-    return LoRA(w=residual.astype(w.dtype), a=a, b=b, scale=scale, roles=roles, dropout=dropout)
+    return dataclasses.replace(node, w=residual.astype(w.dtype))

@@ -77,14 +77,14 @@ def layout_of(fn: Callable, params, *args, **kwargs) -> dict[str, str]:
     its features by ``attend`` (the same split, reversed), which `wrap` runs factored. A gather
     decides the orientation; otherwise the first product does.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves, treedef = jax.tree.flatten(params)
     traced = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
 
     def call(*arrays):
         full = list(leaves)
         for i, x in zip(traced, arrays):
             full[i] = x
-        return fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
+        return fn(jax.tree.unflatten(treedef, full), *args, **kwargs)
 
     closed = jax.make_jaxpr(call)(*[leaves[i] for i in traced])
     paths = [p for p, _ in flatten_with_paths(params)[0]]

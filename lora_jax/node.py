@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import quax
 
+from lora_jax import policy
+from lora_jax.quant import dense
+
 
 class LoRA(quax.ArrayValue):
     """A frozen weight `w` and trainable factors `a`, `b`; behaves like ``w + scale·a@b``.
@@ -62,18 +65,26 @@ class LoRA(quax.ArrayValue):
         """``scale · a @ b`` in `w`'s shape, computed in `dtype`."""
         return _delta(self.a, self.b, self.scale, self.roles, self.num_batch_axes, dtype)
 
-    def materialise(self):
-        from lora_jax import _wrap  # the warning/strict policy lives with `wrap`
-
-        _wrap.on_materialise(self, None)
+    def as_array(self):
+        """``w + scale·a@b``, without the materialisation warning (`lora_jax.policy`)."""
         return merge_node(self)
+
+    def materialise(self):
+        policy.on_materialise(self, None)
+        return merge_node(self)
+
+    def materialise_message(self, what: str, why: str) -> str:
+        return (f"LoRA weight of shape {tuple(self.w.shape)} (roles {self.roles!r}) is materialised "
+                f"for {what}, {why}: this forms the full weight and its gradient.")
+
+    @staticmethod
+    def default(primitive, values, params):
+        return policy.fallback(primitive, values, params)
 
 
 def merge_node(node: LoRA):
     """``w + scale·a@b`` computed in float32 (or wider) and cast back to `w`'s dtype. A quantized
     `w` (`lora_jax.quant.Quantized`) is dequantized: the result is a float array of its dtype."""
-    from lora_jax.quant import dense
-
     compute = jnp.promote_types(jnp.float32, node.w.dtype)
     return (dense(node.w, compute) + node.delta(compute)).astype(node.w.dtype)
 

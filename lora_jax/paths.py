@@ -58,5 +58,5 @@ def lookup_pattern(patterns: dict | None, path: str, default):
 
 
 def flatten_with_paths(tree, is_leaf=None):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    leaves, treedef = jax.tree.flatten_with_path(tree, is_leaf=is_leaf)
     return [(path_str(p), leaf) for p, leaf in leaves], treedef

@@ -27,6 +27,7 @@ without a copy, and ``q.T`` of a 2-D `Quantized` flips the flag.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -35,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import quax
+
+from lora_jax import policy
 
 # QLoRA's NF4 code book (bitsandbytes' `create_normal_map(0.9677083, use_extra_value=True)`)
 NF4_CODEBOOK = np.array([
@@ -96,26 +99,29 @@ class Quantized(quax.ArrayValue):
 
     def astype(self, dtype) -> "Quantized":
         """The same blocks, dequantizing to `dtype`."""
-        return _replace(self, out_dtype=np.dtype(dtype))
+        return dataclasses.replace(self, out_dtype=np.dtype(dtype))
 
     def swap_last_axes(self) -> "Quantized":
         """The logical array with its last two axes swapped (no copy: a layout flag)."""
         if len(self.stored_shape) < 2:
             raise ValueError("swap_last_axes needs 2 or more axes")
-        return _replace(self, transposed=not self.transposed)
+        return dataclasses.replace(self, transposed=not self.transposed)
 
-    def materialise(self):
-        from lora_jax import _wrap
-
-        _wrap.on_materialise(self, None)
+    def as_array(self):
+        """The dequantized array, without the materialisation warning (`lora_jax.policy`)."""
         return self.dequantize()
 
+    def materialise(self):
+        policy.on_materialise(self, None)
+        return self.dequantize()
 
-def _replace(q: Quantized, **changes) -> Quantized:
-    kw = dict(codes=q.codes, scale=q.scale, offset=q.offset, format=q.format, out_dtype=q.out_dtype,
-              transposed=q.transposed, pad=q.pad)
-    kw.update(changes)
-    return Quantized(**kw)
+    def materialise_message(self, what: str, why: str) -> str:
+        return (f"quantized weight ({self.format}) of shape {tuple(self.shape)} is dequantized for "
+                f"{what}, {why}: this forms the full float weight.")
+
+    @staticmethod
+    def default(primitive, values, params):
+        return policy.fallback(primitive, values, params)
 
 
 def is_quantized(x) -> bool:
@@ -188,33 +194,9 @@ def quantize(w, format: str = "nf4", *, dtype=None) -> Quantized:
     return Quantized(codes=codes, scale=scale, offset=offset, format=format, out_dtype=dtype, pad=pad)
 
 
-def from_gguf_blocks(data, type_name: str, *, transposed: bool = False, dtype=np.float32) -> Quantized:
-    """A `Quantized` from a GGUF tensor's raw blocks: `data` uint8 (*rows, bytes per row) as
-    ``gguf.GGUFReader`` gives it (``tensor.data``), `type_name` "Q4_1" or "Q8_0" (the
-    ``GGMLQuantizationType`` name). The logical array is the stored (*rows, n) one, or with its last
-    two axes swapped when `transposed` (a GGUF (out, in) matrix as a Flax (in, out) kernel)."""
-    fmt = str(type_name).rsplit(".", 1)[-1].lower()
-    if fmt not in ("q4_1", "q8_0"):
-        raise ValueError(f"GGUF type {type_name!r}: only Q4_1 and Q8_0 blocks are kept quantized")
-    data = np.asarray(data)
-    type_size = {"q4_1": 20, "q8_0": 34}[fmt]
-    if data.dtype != np.uint8 or data.shape[-1] % type_size:
-        raise ValueError(f"{fmt}: expected uint8 rows of whole {type_size}-byte blocks, got "
-                         f"{data.dtype}{tuple(data.shape)}")
-    blocks = data.reshape(*data.shape[:-1], data.shape[-1] // type_size, type_size)
-    f16 = lambda b: np.ascontiguousarray(b).view(np.float16)[..., 0]
-    if fmt == "q8_0":
-        scale, offset, codes = f16(blocks[..., 0:2]), None, np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-    else:
-        scale, offset, codes = f16(blocks[..., 0:2]), f16(blocks[..., 2:4]), np.ascontiguousarray(blocks[..., 4:])
-    arr = lambda a: None if a is None else jnp.asarray(a)
-    return Quantized(codes=arr(codes), scale=arr(scale), offset=arr(offset), format=fmt,
-                     out_dtype=np.dtype(dtype), transposed=transposed)
-
-
 def quantized_bytes(tree) -> int:
     """Bytes of every array in `tree`, `Quantized` leaves counted by their stored blocks."""
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def _nf4_check():  # the code book is sorted, symmetric in range and holds an exact zero

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from lora_jax.node import LoRA, factor_shapes, is_lora, merge_node
@@ -27,17 +29,15 @@ def split(tree, trainable: Selector = None):
     for path, leaf in leaves:
         if is_lora(leaf):
             _check_node(leaf, path, need_w=True, need_ab=True)
-            train.append(LoRA(w=None, a=leaf.a, b=leaf.b, scale=leaf.scale, roles=leaf.roles,
-                              dropout=leaf.dropout))
-            frozen.append(LoRA(w=leaf.w, a=None, b=None, scale=leaf.scale, roles=leaf.roles,
-                               dropout=leaf.dropout))
+            train.append(dataclasses.replace(leaf, w=None))
+            frozen.append(dataclasses.replace(leaf, a=None, b=None))
         elif leaf is not None and extra(path, leaf):
             train.append(leaf)
             frozen.append(None)
         else:
             train.append(None)
             frozen.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, train), jax.tree_util.tree_unflatten(treedef, frozen)
+    return jax.tree.unflatten(treedef, train), jax.tree.unflatten(treedef, frozen)
 
 
 def combine(trainable, frozen):
@@ -54,14 +54,14 @@ def combine(trainable, frozen):
                 raise ValueError(f"combine: {path!r} is a LoRA node in one tree only")
             if (t.scale, t.roles, t.dropout) != (f.scale, f.roles, f.dropout):
                 raise ValueError(f"combine: {path!r} has different LoRA settings in the two trees")
-            node = LoRA(w=f.w, a=t.a, b=t.b, scale=t.scale, roles=t.roles, dropout=t.dropout)
+            node = dataclasses.replace(t, w=f.w)
             _check_node(node, path, need_w=True, need_ab=True)
             out.append(node)
         elif t is not None and f is not None:
             raise ValueError(f"combine: {path!r} is set in both the trainable and the frozen tree")
         else:
             out.append(t if t is not None else f)
-    return jax.tree_util.tree_unflatten(t_def, out)
+    return jax.tree.unflatten(t_def, out)
 
 
 def merge(tree):
@@ -76,7 +76,7 @@ def merge(tree):
             _check_node(leaf, path, need_w=True, need_ab=True)
             leaf = merge_node(leaf)
         out.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, out)
 
 
 def _check_node(node: LoRA, path: str, *, need_w: bool, need_ab: bool) -> None:

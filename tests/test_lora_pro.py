@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lora_jax
-from lora_jax import _gram
-from lora_jax.lora_pro import adjust_matrices, equivalent_kernel_gradient, sylvester_x
+from lora_jax import gram
+from lora_jax.projection import adjust_matrices, equivalent_kernel_gradient, sylvester_x
 from lora_jax.node import LoRA
 
 
@@ -168,7 +168,7 @@ def test_solve_sylvester_psd_matches_scipy():
         P = rng.normal(size=(3, r, r + 3)); P = P @ np.swapaxes(P, -1, -2)
         Q = rng.normal(size=(3, r, r + 5)); Q = Q @ np.swapaxes(Q, -1, -2)
         C = rng.normal(size=(3, r, r))
-        X = _gram.solve_sylvester_psd(*(jnp.asarray(v, jnp.float32) for v in (P, Q, C)))
+        X = gram.solve_sylvester_psd(*(jnp.asarray(v, jnp.float32) for v in (P, Q, C)))
         for k in range(3):
             assert rel(X[k], sl.solve_sylvester(P[k], Q[k], C[k])) <= 1e-4
 

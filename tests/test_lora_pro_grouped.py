@@ -17,10 +17,10 @@ import optax
 import pytest
 
 import lora_jax
-from lora_jax import _gram
-from lora_jax.lora_pro import adjust_matrices
+from lora_jax import gram
+from lora_jax.projection import adjust_matrices
 from lora_jax.node import LoRA, is_lora
-from lora_jax.riemannian import precondition_matrices
+from lora_jax.preconditioning import precondition_matrices
 
 LAYERS = 12
 
@@ -102,8 +102,8 @@ def _tol(dtype):
 
 
 def _mats(p: LoRA, u: LoRA):
-    a, b = _gram.node_matrices(p.a, p.b, p.roles)
-    ga, gb = _gram.node_matrices(u.a, u.b, p.roles)
+    a, b = gram.node_matrices(p.a, p.b, p.roles)
+    ga, gb = gram.node_matrices(u.a, u.b, p.roles)
     return tuple(v.astype(jnp.float32) for v in (a, b, ga, gb))
 
 
@@ -117,7 +117,7 @@ def _check_nodes(out, params, grads, per_node):
                 continue
             ga_ref, gb_ref = per_node(*_mats(pn, un), pn.scale)
             assert on.a.dtype == pn.a.dtype and on.a.shape == pn.a.shape
-            ga_out, gb_out = _gram.node_matrices(on.a.astype(jnp.float32), on.b.astype(jnp.float32),
+            ga_out, gb_out = gram.node_matrices(on.a.astype(jnp.float32), on.b.astype(jnp.float32),
                                                  pn.roles)
             tol = _tol(pn.a.dtype)
             assert _rel(ga_out, ga_ref) <= tol, (path, _rel(ga_out, ga_ref))
@@ -130,7 +130,7 @@ EQ_LAYERS = 2
 
 
 def _per_matrix(mats, decompose):
-    """Stand-in for `_gram.grouped` that decomposes each node's Gram matrices on their own."""
+    """Stand-in for `gram.grouped` that decomposes each node's Gram matrices on their own."""
     return [decompose(m) for m in mats]
 
 
@@ -164,7 +164,7 @@ def test_grouped_lora_pro_adamw_equals_per_node(monkeypatch):
         return upd(grads, st, optax.apply_updates(params, out1))
 
     out, st = two_steps()
-    monkeypatch.setattr(_gram, "grouped", _per_matrix)
+    monkeypatch.setattr(gram, "grouped", _per_matrix)
     ref_out, ref_st = two_steps()
     monkeypatch.undo()
 
@@ -178,6 +178,6 @@ def test_grouped_lora_pro_adamw_equals_per_node(monkeypatch):
     # the per-node path really was per node
     tx = lora_jax.lora_pro_adamw(1e-2)
     with monkeypatch.context() as mp:
-        mp.setattr(_gram, "grouped", _per_matrix)
+        mp.setattr(gram, "grouped", _per_matrix)
         n = count_primitive(jax.make_jaxpr(tx.update)(grads, tx.init(params), params).jaxpr, "eigh")
     assert n == 2 * (6 * EQ_LAYERS + 5)

@@ -65,7 +65,7 @@ SHARDINGS = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     import lora_jax
-    from lora_jax.lora_pro import _full_shape
+    from lora_jax.factor_pairs import full_shape as _full_shape
 
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     def put(x, *spec):

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
 
 import lora_jax
 from helpers import _lora_ab, _vdot, reference64, rel_err
+from lora_jax._compat import saved_residuals
 from lora_jax.node import LoRA
-from lora_jax.quant import NF4_CODEBOOK, Quantized, from_gguf_blocks, quantize
+from lora_jax.quant import NF4_CODEBOOK, Quantized, quantize
+from train.gguf_blocks import from_gguf_blocks
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -298,7 +299,7 @@ def test_compiled_step_keeps_no_dequantized_weight_alive():
     """XLA temp bytes of a LoRA step on a quantized MLP whose weights (4 MiB each in float32) dwarf
     its activations: one dequantized weight is live at a time, however deep the MLP (measured
     4.06-4.08 MiB for 1-6 layers on XLA:CPU). Without the dequantization's data dependence on the
-    layer's input/cotangent (`_wrap._dequantize_at`), XLA hoists every layer's dequantization to the
+    layer's input/cotangent (`lora_jax.product.dequantize_at`), XLA hoists every layer's dequantization to the
     start and reuses it in the backward pass: 4 MiB per layer, all kept across the step."""
     d = 1024
 

@@ -187,7 +187,7 @@ def test_nnx_through_wrap_when_taking_the_trace_leaves_none(monkeypatch):
     """jax >= 0.11 sets the current trace to ``None`` inside `take_current_trace` (older jax: the
     eval trace), and flax asserts a trace exists whenever it builds a Variable. quax maps over its
     inputs inside that block, so Variables must not be rebuilt there. Emulated here on any jax."""
-    from jax._src import core
+    from lora_jax._compat import jax_core as core
 
     def take_to_none(self):
         self.prev = core.trace_ctx.trace

@@ -537,7 +537,7 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, keep_quantized: bool = Fal
 def _quantized_gguf_tensor(tensor, name: str, config: LlamaConfig, linear: bool, dtype):
     """A Q4_1/Q8_0 GGUF tensor as `lora_jax.Quantized`: raw rows (uint8, whole blocks per row),
     Q/K rows unpermuted as they are, (out, in) → (in, out) as the layout flag."""
-    from lora_jax.quant import from_gguf_blocks
+    from train.gguf_blocks import from_gguf_blocks
 
     raw = np.asarray(tensor.data)  # (rows, bytes per row)
     if name.endswith("attn_q.weight"):

@@ -1,4 +1,5 @@
-"""Small batched linear algebra shared by the LoRA optimizers (LoRA-Pro, Riemannian).
+"""Small batched linear algebra shared by the LoRA optimizers (LoRA-Pro, Riemannian): r×r Gram
+matrices, their eigendecompositions taken in groups, damped pseudo-inverses, the Sylvester solve.
 
 Everything here works on *matrix form* factors in kernel orientation, batched over any leading axes:
 
@@ -13,9 +14,9 @@ a pseudo-inverse does), the others are inverted as ``1 / (λ + damping)``. So b 
 gives a zero inverse instead of ``1/δ``, and rank-deficient factors stay finite.
 
 Grouping. The r×r solvers cost next to nothing in FLOPs, but each call is a separate solver launch:
-on a GPU (issue 9's measurement), one jitted function making 144 separate 8×8 `eigh` calls took
-44 ms, one `eigh` of the stacked (144, 8, 8) array 0.09 ms. `grouped` therefore applies a decomposition once per group of matrices that
-share their size r and dtype: every matrix's leading axes are folded into one stack,
+on a GPU, one jitted function making 144 separate 8×8 `eigh` calls took 44 ms, one `eigh` of the
+stacked (144, 8, 8) array 0.09 ms. `grouped` therefore applies a decomposition once per group of
+matrices that share their size r and dtype: every matrix's leading axes are folded into one stack,
 ``(*batch, r, r) → (-1, r, r)``, the stacks are concatenated, decomposed in one call, and the
 result is split and reshaped back. `grouped_factor_eighs` does this for the Gram matrices of many
 adapted weights at once (their b-Grams and a-Grams in the same call).
@@ -108,7 +109,7 @@ def grouped(mats, decompose):
             def part(x, start=start, n=n, batch=batch):
                 return x[start:start + n].reshape(batch + x.shape[1:])
 
-            out[i] = jax.tree_util.tree_map(part, res)
+            out[i] = jax.tree.map(part, res)
             start += n
     return out
 

@@ -1,0 +1,88 @@
+"""What happens when an adapted or quantized weight must be formed in full, and the per-call
+settings of `lora_jax.wrap` (strict mode, the dropout key).
+
+A `LoRA` or `Quantized` value that meets a primitive with no factored rule is *materialised*: its
+dense array (``w + scale·a@b``, or the dequantized blocks) is formed and the primitive runs on it.
+That is always correct but costs what LoRA exists to avoid (a full weight, and a full weight
+gradient), so it warns (`LoRAMaterializationWarning`) or, under ``wrap(fn, strict=True)``, raises
+(`LoRAMaterializationError`). `fallback` is the quax ``default`` rule of both value types.
+
+The settings live in context variables rather than arguments because quax calls the rules, not
+`wrap`: a rule deep inside a traced function reads them from the context `wrap` set up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+
+import jax
+import quax
+
+
+class LoRAMaterializationWarning(UserWarning):
+    """A LoRA weight was materialised (``w + scale·a@b``) because no factored rule applies."""
+
+
+class LoRAMaterializationError(TypeError):
+    """Raised instead of `LoRAMaterializationWarning` under ``wrap(fn, strict=True)``."""
+
+
+NO_RULE = "which has no factored rule"
+
+_STRICT = contextvars.ContextVar("lora_jax_strict", default=False)
+_DROPOUT = contextvars.ContextVar("lora_jax_dropout", default=None)  # [key, counter] or None
+
+
+@contextlib.contextmanager
+def settings(*, strict: bool, dropout_key):
+    """The per-call settings of a wrapped function, for the rules that run inside it."""
+    strict_token = _STRICT.set(strict)
+    drop_token = _DROPOUT.set(None if dropout_key is None else [dropout_key, 0])
+    try:
+        yield
+    finally:
+        _STRICT.reset(strict_token)
+        _DROPOUT.reset(drop_token)
+
+
+def next_dropout_key():
+    """A fresh key for one adapter's dropout mask, or None outside a call with ``lora_dropout_key``
+    (evaluation). Keys are folded from the call's key by a counter, one per adapted product traced."""
+    state = _DROPOUT.get()
+    if state is None:
+        return None
+    key = jax.random.fold_in(state[0], state[1])
+    state[1] += 1
+    return key
+
+
+def on_materialise(value, primitive: str | None, why: str = NO_RULE) -> None:
+    """Warn (or raise, under strict mode) that `value` is formed in full for `primitive`.
+    `value` says what that costs through its ``materialise_message(what, why)``."""
+    what = f"primitive {primitive!r}" if primitive else "an operation"
+    msg = value.materialise_message(what, why)
+    if _STRICT.get():
+        raise LoRAMaterializationError(msg + " (strict=True)")
+    warnings.warn(msg, LoRAMaterializationWarning, stacklevel=2)
+
+
+def fallback(primitive, values, params, why: str = NO_RULE):
+    """quax's ``default`` rule of `LoRA` and `Quantized`: materialise each of them among `values`
+    (with the warning) and bind the primitive to plain arrays. Other values pass as they are."""
+    ours = [_formable(v) for v in values]
+    for v, own in zip(values, ours):
+        if own:
+            on_materialise(v, str(primitive), why)
+    return primitive.bind(*[v.as_array() if own else v for v, own in zip(values, ours)], **params)
+
+
+def _formable(v) -> bool:
+    """A value of this library: it can form its dense array (``as_array``) and say what that costs
+    (``materialise_message``)."""
+    return isinstance(v, quax.ArrayValue) and hasattr(v, "materialise_message")
+
+
+__all__ = ["LoRAMaterializationError", "LoRAMaterializationWarning", "fallback",
+           "next_dropout_key", "on_materialise", "settings"]
