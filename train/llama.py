@@ -56,6 +56,7 @@ from gguf.quants import dequantize
 
 import lora_jax
 from train.bert import load_state_dict
+from train.gguf_blocks import from_gguf_blocks
 from train.gguf_tokenizer import LlamaTokenizer, gguf_metadata
 
 LORA_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
@@ -537,8 +538,6 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, keep_quantized: bool = Fal
 def _quantized_gguf_tensor(tensor, name: str, config: LlamaConfig, linear: bool, dtype):
     """A Q4_1/Q8_0 GGUF tensor as `lora_jax.Quantized`: raw rows (uint8, whole blocks per row),
     Q/K rows unpermuted as they are, (out, in) → (in, out) as the layout flag."""
-    from train.gguf_blocks import from_gguf_blocks
-
     raw = np.asarray(tensor.data)  # (rows, bytes per row)
     if name.endswith("attn_q.weight"):
         raw = unpermute_qk_rows(raw, config.num_attention_heads)
