@@ -52,7 +52,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.errors import AssetError
+from .errors import AssetError
 
 __all__ = [
     "AssetError",

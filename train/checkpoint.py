@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.errors import CheckpointError
-from train.hosts import is_primary, sync, to_host
+from .errors import CheckpointError
+from .hosts import is_primary, sync, to_host
 
 __all__ = ["CheckpointError", "Checkpointer", "tree_checksum", "dir_bytes"]
 

@@ -51,13 +51,13 @@ import numpy as np
 import optax
 
 import lora_jax
-from train import bert, peft_format
-from train.assets import minilm_dir
-from train.data import DATASETS, DEFAULT_DATASET, load, tokenizer_from
-from train.errors import ConfigError
-from train.flags import LORA_METHODS
-from train.hosts import is_primary, to_host
-from train.task import Job, Setup, Task, build_setup
+from . import bert, peft_format
+from .assets import minilm_dir
+from .data import DATASETS, DEFAULT_DATASET, load, tokenizer_from
+from .errors import ConfigError
+from .flags import LORA_METHODS
+from .hosts import is_primary, to_host
+from .task import Job, Setup, Task, build_setup
 
 HEAD = r"^head/"
 KEYS = ("input_ids", "attention_mask", "token_type_ids", "label")

@@ -79,7 +79,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 import tokenizers  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from train import assets  # noqa: E402
+from . import assets  # noqa: E402
 
 __all__ = [
     "DATASETS",
@@ -616,6 +616,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Run through the package module (`train.data`), not `__main__`: tfds
     # resolves builders' package directories from their module.
-    from train.data import main as _main
+    from .data import main as _main
 
     raise SystemExit(_main())

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from train import classify
-from train.task import cli
+from . import classify
+from .task import cli
 
 METHODS = ("lora", "lora-pro")
 

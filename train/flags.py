@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from train.errors import ConfigError
-from train.hosts import COMPILE_CACHE_ENV
+from .errors import ConfigError
+from .hosts import COMPILE_CACHE_ENV
 
 LORA_METHODS = ("lora", "lora-pro", "lora-pro-adamw")
 

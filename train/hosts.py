@@ -12,8 +12,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from train.assets import cache_dir
-from train.errors import ConfigError
+from .assets import cache_dir
+from .errors import ConfigError
 
 COMPILE_CACHE_ENV = "LORA_JAX_COMPILE_CACHE"
 

@@ -55,9 +55,9 @@ import numpy as np
 from gguf.quants import dequantize
 
 import lora_jax
-from train.bert import load_state_dict
-from train.gguf_blocks import from_gguf_blocks
-from train.gguf_tokenizer import LlamaTokenizer, gguf_metadata
+from .bert import load_state_dict
+from .gguf_blocks import from_gguf_blocks
+from .gguf_tokenizer import LlamaTokenizer, gguf_metadata
 
 LORA_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 

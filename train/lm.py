@@ -52,11 +52,11 @@ import numpy as np
 import optax
 
 import lora_jax
-from train import arith, llama
-from train.assets import smollm2_gguf
-from train.errors import ConfigError
-from train.metrics import nbytes
-from train.task import Job, Setup, Task, build_setup
+from . import arith, llama
+from .assets import smollm2_gguf
+from .errors import ConfigError
+from .metrics import nbytes
+from .task import Job, Setup, Task, build_setup
 
 BASES = {"f32": "every weight dequantized to float32",
          "q4": "QLoRA: the GGUF's Q4_1/Q8_0 blocks stay in memory, dequantized where each is used "

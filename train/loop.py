@@ -26,11 +26,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from train.checkpoint import Checkpointer, tree_checksum
-from train.errors import ConfigError
-from train.hosts import is_primary, sync, to_host
+from .checkpoint import Checkpointer, tree_checksum
+from .errors import ConfigError
+from .hosts import is_primary, sync, to_host
 # plot_runs is not used here: `train.loop.plot_runs` is where callers have it from
-from train.metrics import plot_runs, read_metrics, write_lines_atomic  # noqa: F401
+from .metrics import plot_runs, read_metrics, write_lines_atomic  # noqa: F401
 
 
 class BatchOrder:

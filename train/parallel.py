@@ -47,7 +47,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lora_jax._compat import YNN_OFF, cpu_unit_rows_unsafe
 from lora_jax.paths import flatten_with_paths
-from train.errors import ConfigError
+from .errors import ConfigError
 
 BATCH_AXIS = "batch"  # pmap's axis name
 

@@ -44,7 +44,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lora_jax import LoRA, is_lora
-from train.bert import BertConfig, hf_key_map
+from .bert import BertConfig, hf_key_map
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

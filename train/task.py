@@ -34,11 +34,11 @@ from typing import Any, Callable
 import jax
 
 import lora_jax
-from train import flags, loop, parallel
-from train.errors import USER_ERRORS, ConfigError
-from train.hosts import compile_cache_dir, init_distributed, is_primary, use_compile_cache
-from train.metrics import count, nbytes, plot_runs
-from train.optim import make_optimizer, make_schedule
+from . import flags, loop, parallel
+from .errors import USER_ERRORS, ConfigError
+from .hosts import compile_cache_dir, init_distributed, is_primary, use_compile_cache
+from .metrics import count, nbytes, plot_runs
+from .optim import make_optimizer, make_schedule
 
 COMMON_SUMMARY = ("train_loss_last10pct", "final_loss", "sec_per_step", "wall_s", "checkpoint_bytes")
 
