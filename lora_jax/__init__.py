@@ -17,7 +17,7 @@ Modules, lowest layer first (each imports only modules listed before it):
 """
 
 # Adapting a parameter tree
-from lora_jax.adapt import apply, default_roles
+from lora_jax.adapt import apply, default_roles, output_heads
 from lora_jax.layout import layout_of
 from lora_jax.node import LoRA, is_lora
 from lora_jax.tree import combine, merge, split
@@ -55,6 +55,7 @@ __all__ = [
     "lora_pro_adamw",
     "loraplus",
     "merge",
+    "output_heads",
     "precondition_matrices",
     "quantize",
     "riemannian",

@@ -22,6 +22,7 @@ INITS = ("lora", "gaussian", "pissa", "olora")
 _EMBEDDING = re.compile(r"(?i)(embed|embedding|wte|wpe)")
 _NOT_KERNEL = re.compile(r"(?i)(bias|scale|norm)")
 _CONV = re.compile(r"(?i)conv")
+_OUTPUT_HEAD = re.compile(r"(?i)(^|/)lm_head(/|$)")
 
 
 def default_roles(path: str, shape) -> str:
@@ -98,6 +99,19 @@ def _default_target(path: str, leaf) -> bool:
             and not _NOT_KERNEL.search(name))
 
 
+def output_heads(params) -> list[str]:
+    """Paths of the kernels that project onto the vocabulary, which default targets leave out (as
+    PEFT's ``target_modules="all-linear"`` leaves out the output layer): a kernel under an
+    ``lm_head`` path component, and a 2-D kernel (d, V) whose V, larger than d, is the row count of
+    an embedding table (V, d) of the same tree (an untied output projection by any name)."""
+    leaves, _ = flatten_with_paths(params, is_leaf=lambda x: is_lora(x) or is_quantized(x))
+    kernels = [(p, tuple(np.shape(leaf))) for p, leaf in leaves
+               if _is_float_array(leaf) and np.ndim(leaf) >= 2]
+    tables = {shape for p, shape in kernels if len(shape) == 2 and _EMBEDDING.search(p)}
+    return [p for p, shape in kernels if not _EMBEDDING.search(p) and (
+        _OUTPUT_HEAD.search(p) or (len(shape) == 2 and shape[1] > shape[0] and shape[::-1] in tables))]
+
+
 def apply(
     params,
     rank: int = 8,
@@ -128,8 +142,10 @@ def apply(
         r: scale 1.
       targets: regex (``re.search`` on the '/'-joined key path), list of regexes, or predicate
         ``(path, leaf) -> bool``. Default: every float leaf of ndim ≥ 2 whose path does not look like
-        an embedding table (embed/embedding/wte/wpe) and whose name is not a bias, scale or norm
-        (DenseGeneral biases are 2-D).
+        an embedding table (embed/embedding/wte/wpe), whose name is not a bias, scale or norm
+        (DenseGeneral biases are 2-D), and that is not the output head onto the vocabulary
+        (`output_heads`: an ``lm_head``, or a (d, V) kernel matching an embedding table (V, d));
+        name a head in `targets` to adapt it.
       exclude: same forms; removes paths from `targets`.
       rank_pattern, alpha_pattern: ``{path or regex: value}``: an exact path key, else the first
         matching regex (as PEFT).
@@ -157,7 +173,11 @@ def apply(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     explicit = targets is not None
-    select = compile_selector(targets, "targets") if explicit else _default_target
+    if explicit:
+        select = compile_selector(targets, "targets")
+    else:
+        heads = set(output_heads(params))
+        select = lambda path, leaf: _default_target(path, leaf) and path not in heads
     drop = compile_selector(exclude, "exclude")
     key = jax.random.key(0) if key is None else key
 

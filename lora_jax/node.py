@@ -81,6 +81,33 @@ class LoRA(quax.ArrayValue):
     def default(primitive, values, params):
         return policy.fallback(primitive, values, params)
 
+    @property
+    def __jax_array__(self):
+        # jax.numpy takes an object with `__jax_array__` for an array and calls it: outside `wrap`
+        # that call raises one clear error instead of a failure deep inside the caller ("astype
+        # requires ndarray or scalar arguments"). Inside `wrap` the attribute must not exist: quax
+        # (through `equinox.is_array_like`) would take the node for a plain array.
+        if policy.inside_wrap():
+            raise AttributeError("__jax_array__")
+        return self._refuse_coercion
+
+    def __array__(self, dtype=None, copy=None):  # NumPy's coercion (np.asarray, jax.device_put)
+        self._refuse_coercion()
+
+    def __getitem__(self, index):  # Flax NNX reads a Variable's array as `variable[...]`
+        self._refuse_coercion()
+
+    def _refuse_coercion(self):
+        raise TypeError(_OUTSIDE_WRAP.format(shape=tuple(self.w.shape)))
+
+
+_OUTSIDE_WRAP = ("a lora_jax.LoRA node (weight {shape}) was used as an array outside lora_jax.wrap: "
+                 "run the function that uses the adapted parameters through lora_jax.wrap "
+                 "(Linen: lora_jax.wrap(lambda p, x: model.apply({{'params': p}}, x))(adapted, x); "
+                 "Flax NNX: graphdef, state = nnx.split(model), then "
+                 "lora_jax.wrap(lambda st, x: nnx.merge(graphdef, st)(x))(adapted_state, x)), "
+                 "or lora_jax.merge the tree into plain weights first")
+
 
 def merge_node(node: LoRA):
     """``w + scale·a@b`` computed in float32 (or wider) and cast back to `w`'s dtype. A quantized

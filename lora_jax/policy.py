@@ -33,6 +33,7 @@ NO_RULE = "which has no factored rule"
 
 _STRICT = contextvars.ContextVar("lora_jax_strict", default=False)
 _DROPOUT = contextvars.ContextVar("lora_jax_dropout", default=None)  # [key, counter] or None
+_DEPTH = contextvars.ContextVar("lora_jax_wrap_depth", default=0)  # wrapped calls running now
 
 
 @contextlib.contextmanager
@@ -40,11 +41,18 @@ def settings(*, strict: bool, dropout_key):
     """The per-call settings of a wrapped function, for the rules that run inside it."""
     strict_token = _STRICT.set(strict)
     drop_token = _DROPOUT.set(None if dropout_key is None else [dropout_key, 0])
+    depth_token = _DEPTH.set(_DEPTH.get() + 1)
     try:
         yield
     finally:
         _STRICT.reset(strict_token)
         _DROPOUT.reset(drop_token)
+        _DEPTH.reset(depth_token)
+
+
+def inside_wrap() -> bool:
+    """Whether a function wrapped by `lora_jax.wrap` is running (being traced) now."""
+    return _DEPTH.get() > 0
 
 
 def next_dropout_key():
@@ -84,5 +92,5 @@ def _formable(v) -> bool:
     return isinstance(v, quax.ArrayValue) and hasattr(v, "materialise_message")
 
 
-__all__ = ["LoRAMaterializationError", "LoRAMaterializationWarning", "fallback",
+__all__ = ["LoRAMaterializationError", "LoRAMaterializationWarning", "fallback", "inside_wrap",
            "next_dropout_key", "on_materialise", "settings"]

@@ -303,3 +303,44 @@ def test_bert_classifier_with_a_two_class_head_adapts_with_the_default_rank():
     ids = jax.random.randint(KEY, (4, 8), 1, 50)
     fn = lambda p, ids: model.apply(p, ids)  # noqa: E731
     _finite_lora_pro_steps(fn, adapted, ids, jnp.array([0, 1, 1, 0]))
+
+
+class _TinyLM(nn.Module):
+    """Embedding, one hidden Dense, and an untied projection onto the vocabulary named `head_name`."""
+    vocab: int = 64
+    head_name: str = "lm_head"
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(self.vocab, 16, name="embed_tokens")(ids)
+        h = nn.gelu(nn.Dense(32, name="up")(h))
+        h = nn.Dense(16, name="down")(h)
+        return nn.Dense(self.vocab, use_bias=False, name=self.head_name)(h)
+
+
+@pytest.mark.parametrize("head_name", ["lm_head", "output"])
+def test_default_targets_leave_the_vocabulary_projection_out(head_name):
+    """As PEFT's "all-linear": by name (`lm_head`) or, under any name, as the (d, V) kernel whose V
+    is an embedding table's row count; naming it in `targets` adapts it after all."""
+    model = _TinyLM(head_name=head_name)
+    ids = jax.random.randint(KEY, (2, 5), 0, 64)
+    params = model.init(KEY, ids)["params"]
+    assert lora_jax.output_heads(params) == [f"{head_name}/kernel"]
+    adapted = lora_jax.apply(params, rank=4)
+    assert lora_jax.is_lora(adapted["up"]["kernel"]) and lora_jax.is_lora(adapted["down"]["kernel"])
+    assert not lora_jax.is_lora(adapted[head_name]["kernel"])
+    assert not lora_jax.is_lora(adapted["embed_tokens"]["embedding"])
+    opted_in = lora_jax.apply(params, rank=4, targets=r"(up|down|lm_head|output)/kernel$")
+    assert lora_jax.is_lora(opted_in[head_name]["kernel"])
+    # the adapted model still runs, factored, and starts at the base model
+    out = lora_jax.wrap(lambda p, ids: model.apply({"params": p}, ids), strict=True)(opted_in, ids)
+    np.testing.assert_allclose(out, model.apply({"params": params}, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_a_square_kernel_matching_no_table_is_not_a_head():
+    """A (d, d) kernel next to a (d, d) table is no vocabulary projection (V must exceed d), and a
+    tree without embedding tables has no head but an explicit `lm_head`."""
+    params = {"embed": {"embedding": jnp.ones((16, 16))}, "proj": {"kernel": jnp.ones((16, 16))},
+              "wide": {"kernel": jnp.ones((16, 64))}}
+    assert lora_jax.output_heads(params) == []
+    assert lora_jax.is_lora(lora_jax.apply(params, rank=4)["wide"]["kernel"])
