@@ -81,7 +81,6 @@ class LoraProAdamWState(NamedTuple):
     nu: Any
 
 
-
 class _AdamW(NamedTuple):
     """One step's hyperparameters, in the compute dtype."""
     b1: Any

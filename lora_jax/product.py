@@ -42,7 +42,8 @@ def _letters():
 
 def factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_is_rhs, params):
     """``dot_general(x, w) + scale·(x@a)@b`` (or ``… + scale·(x@bᵀ)@aᵀ``), laid out as
-    ``dot_general(x, w)`` would be. Callers have checked that the product contracts exactly the node's "i" (or "o") axes.
+    ``dot_general(x, w)`` would be. Callers have checked that the product contracts exactly the
+    node's "i" (or exactly its "o") axes.
 
     The adapter path is written as einsums over shared axis letters, so any batch/contracting dims
     work; `_factored_product` runs them.
@@ -269,7 +270,6 @@ class _Static:
 
     def __hash__(self):
         return hash(self.value)
-
 
 
 def quantized_dot(lhs, rhs, params):

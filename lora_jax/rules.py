@@ -72,7 +72,6 @@ def _(lhs: LoRA, rhs: LoRA, **params):
     return _dot_or_materialise(merge_node(lhs), rhs, params)
 
 
-
 # ----------------------------------------------------------------------------- conv
 
 
@@ -137,7 +136,6 @@ def _(operand: LoRA, indices: ArrayLike, **params):
     return base + delta.astype(base.dtype)
 
 
-
 # ----------------------------------------------------------------------------- layout-only ops
 
 
@@ -197,7 +195,6 @@ def _transpose_w(w, perm):
     on_materialise(w, "transpose", f"which permutes its axes {tuple(perm)} (only a swap of the last "
                    "two is a layout flag)")
     return jnp.transpose(w.dequantize(), perm)
-
 
 
 # ----------------------------------------------------------------------------- quantized weights

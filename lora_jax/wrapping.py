@@ -2,8 +2,9 @@
 
 The engine is `quax` (a maintained custom-interpreter library): `LoRA` is a `quax.ArrayValue`, and
 the rules of `lora_jax.rules` say how primitives act on it. Higher-order primitives (jit, scan,
-while, cond) are quax's own; `remat` is added there. Every primitive without a rule materialises ``w + scale·a@b``
-with a `LoRAMaterializationWarning` naming the primitive, or raises under ``strict=True``.
+while, cond) are quax's own; `remat` is added there. Every primitive without a rule materialises
+``w + scale·a@b`` with a `LoRAMaterializationWarning` naming the primitive, or raises under
+``strict=True``.
 """
 
 from __future__ import annotations
