@@ -14,10 +14,9 @@ from __future__ import annotations
 import re
 
 import jax
-# JAX exposes saved_residuals publicly only as print_saved_residuals, which prints instead of returning.
-from jax._src.ad_checkpoint import saved_residuals
 
 import lora_jax
+from lora_jax._compat import saved_residuals  # private in jax 0.10.2 (see lora_jax._compat)
 
 SCHEDULERS = {"default": None,
               "memory": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,16 +14,15 @@ from lora_jax.node import LoRA, axis_letters
 
 def randomize_adapters(tree, key, std=0.3):
     """Give every LoRA node random `a` and `b` (b = 0 after init would hide half the maths)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lora_jax.is_lora)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lora_jax.is_lora)
     out = []
     for i, leaf in enumerate(leaves):
         if lora_jax.is_lora(leaf):
             ka, kb = jax.random.split(jax.random.fold_in(key, i))
-            leaf = LoRA(w=leaf.w, a=std * jax.random.normal(ka, leaf.a.shape, leaf.a.dtype),
-                        b=std * jax.random.normal(kb, leaf.b.shape, leaf.b.dtype),
-                        scale=leaf.scale, roles=leaf.roles, dropout=leaf.dropout)
+            leaf = dataclasses.replace(leaf, a=std * jax.random.normal(ka, leaf.a.shape, leaf.a.dtype),
+                                       b=std * jax.random.normal(kb, leaf.b.shape, leaf.b.dtype))
         out.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, out)
 
 
 def merged_weight_np(node: LoRA) -> np.ndarray:
@@ -39,8 +40,8 @@ def _to64(x):
 
 
 def rel_err(x, ref) -> float:
-    xs = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(x)]
-    rs = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(ref)]
+    xs = [np.asarray(v, np.float64) for v in jax.tree.leaves(x)]
+    rs = [np.asarray(v, np.float64) for v in jax.tree.leaves(ref)]
     assert len(xs) == len(rs) and all(a.shape == b.shape for a, b in zip(xs, rs))
     num = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(xs, rs)))
     den = np.sqrt(sum(np.sum(b ** 2) for b in rs))
@@ -48,7 +49,7 @@ def rel_err(x, ref) -> float:
 
 
 def _lora_ab(tree):
-    return [(n.a, n.b) for n in jax.tree_util.tree_leaves(tree, is_leaf=lora_jax.is_lora)
+    return [(n.a, n.b) for n in jax.tree.leaves(tree, is_leaf=lora_jax.is_lora)
             if lora_jax.is_lora(n)]
 
 
@@ -56,9 +57,9 @@ def reference64(fn, tree, args, probe):
     """float64 output of ``fn`` on merged weights, and the gradients of ``<fn(...), probe>`` with
     respect to every (a, b) through the merged path ``w + scale·a@b``."""
     with jax.enable_x64(True):
-        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lora_jax.is_lora)
+        leaves, treedef = jax.tree.flatten(tree, is_leaf=lora_jax.is_lora)
         nodes = [i for i, leaf in enumerate(leaves) if lora_jax.is_lora(leaf)]
-        args64 = jax.tree_util.tree_map(_to64, args)
+        args64 = jax.tree.map(_to64, args)
         ab64 = [(_to64(leaves[i].a), _to64(leaves[i].b)) for i in nodes]
 
         def merged(ab):
@@ -67,24 +68,24 @@ def reference64(fn, tree, args, probe):
                 n = leaves[i]
                 w_spec, a_spec, b_spec = axis_letters(n.roles, n.num_batch_axes)
                 out[i] = _to64(n.w) + n.scale * jnp.einsum(f"{a_spec},{b_spec}->{w_spec}", a, b)
-            return jax.tree_util.tree_unflatten(treedef, out)
+            return jax.tree.unflatten(treedef, out)
 
         y = jax.jit(lambda ab, args: fn(merged(ab), *args))(ab64, args64)
-        probe64 = jax.tree_util.tree_map(_to64, probe)
+        probe64 = jax.tree.map(_to64, probe)
         grads = jax.jit(jax.grad(lambda ab, args: _vdot(fn(merged(ab), *args), probe64)))(ab64, args64)
-        return jax.tree_util.tree_map(np.asarray, y), jax.tree_util.tree_map(np.asarray, grads)
+        return jax.tree.map(np.asarray, y), jax.tree.map(np.asarray, grads)
 
 
 def _vdot(y, probe):
     return sum(jnp.vdot(a.astype(p.dtype), p) for a, p in
-               zip(jax.tree_util.tree_leaves(y), jax.tree_util.tree_leaves(probe)))
+               zip(jax.tree.leaves(y), jax.tree.leaves(probe)))
 
 
 def check_factored(fn, tree, *args, rtol=1e-5, grad_rtol=1e-5, key=jax.random.key(7)):
     """`wrap(fn)` on `tree` equals the float64 merged path, in value and in (a, b) gradients."""
     wrapped = lora_jax.wrap(fn)
     y = jax.jit(wrapped)(tree, *args)
-    probe = jax.tree_util.tree_map(
+    probe = jax.tree.map(
         lambda v: jax.random.normal(key, v.shape, jnp.float32), y)
     y_ref, g_ref = reference64(fn, tree, args, probe)
     err = rel_err(y, y_ref)
