@@ -29,13 +29,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import quax
 
 from lora_jax import policy
 from lora_jax.quant import dense
 
 
-class LoRA(quax.ArrayValue):
+class LoRA(policy.Formable):
     """A frozen weight `w` and trainable factors `a`, `b`; behaves like ``w + scale·a@b``.
 
     Inside a function transformed by `lora_jax.wrap`, a `LoRA` acts as an array of `w`'s shape and
@@ -69,17 +68,9 @@ class LoRA(quax.ArrayValue):
         """``w + scale·a@b``, without the materialisation warning (`lora_jax.policy`)."""
         return merge_node(self)
 
-    def materialise(self):
-        policy.on_materialise(self, None)
-        return merge_node(self)
-
     def materialise_message(self, what: str, why: str) -> str:
         return (f"LoRA weight of shape {tuple(self.w.shape)} (roles {self.roles!r}) is materialised "
                 f"for {what}, {why}: this forms the full weight and its gradient.")
-
-    @staticmethod
-    def default(primitive, values, params):
-        return policy.fallback(primitive, values, params)
 
     @property
     def __jax_array__(self):

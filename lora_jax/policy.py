@@ -79,18 +79,32 @@ def on_materialise(value, primitive: str | None, why: str = NO_RULE) -> None:
 def fallback(primitive, values, params, why: str = NO_RULE):
     """quax's ``default`` rule of `LoRA` and `Quantized`: materialise each of them among `values`
     (with the warning) and bind the primitive to plain arrays. Other values pass as they are."""
-    ours = [_formable(v) for v in values]
-    for v, own in zip(values, ours):
-        if own:
+    for v in values:
+        if isinstance(v, Formable):
             on_materialise(v, str(primitive), why)
-    return primitive.bind(*[v.as_array() if own else v for v, own in zip(values, ours)], **params)
+    return primitive.bind(*[v.as_array() if isinstance(v, Formable) else v for v in values], **params)
 
 
-def _formable(v) -> bool:
-    """A value of this library: it can form its dense array (``as_array``) and say what that costs
-    (``materialise_message``)."""
-    return isinstance(v, quax.ArrayValue) and hasattr(v, "materialise_message")
+class Formable(quax.ArrayValue):
+    """A value of this library that stands for a dense array it can form (`LoRA`, `Quantized`).
+    Subclasses say how (``as_array``) and what that costs (``materialise_message(what, why)``); the
+    warning policy and quax's fallback are shared here. One shared ``default`` also lets quax take a
+    primitive whose operands mix both kinds (distinct defaults would be a quax error)."""
+
+    def as_array(self):
+        raise NotImplementedError
+
+    def materialise_message(self, what: str, why: str) -> str:
+        raise NotImplementedError
+
+    def materialise(self):
+        on_materialise(self, None)
+        return self.as_array()
+
+    @staticmethod
+    def default(primitive, values, params):
+        return fallback(primitive, values, params)
 
 
-__all__ = ["LoRAMaterializationError", "LoRAMaterializationWarning", "fallback", "inside_wrap",
-           "next_dropout_key", "on_materialise", "settings"]
+__all__ = ["Formable", "LoRAMaterializationError", "LoRAMaterializationWarning", "fallback",
+           "inside_wrap", "next_dropout_key", "on_materialise", "settings"]

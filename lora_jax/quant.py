@@ -35,7 +35,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import quax
 
 from lora_jax import policy
 
@@ -50,7 +49,7 @@ NF4_CODEBOOK = np.array([
 FORMATS = {"nf4": (64, 32), "q4_1": (32, 16), "q8_0": (32, 32)}
 
 
-class Quantized(quax.ArrayValue):
+class Quantized(policy.Formable):
     """A frozen float array kept in quantized blocks (see the module docstring).
 
     `codes` has shape (*lead, n_blocks, code bytes), `scale` (and `offset`, Q4_1's minimum)
@@ -111,17 +110,9 @@ class Quantized(quax.ArrayValue):
         """The dequantized array, without the materialisation warning (`lora_jax.policy`)."""
         return self.dequantize()
 
-    def materialise(self):
-        policy.on_materialise(self, None)
-        return self.dequantize()
-
     def materialise_message(self, what: str, why: str) -> str:
         return (f"quantized weight ({self.format}) of shape {tuple(self.shape)} is dequantized for "
                 f"{what}, {why}: this forms the full float weight.")
-
-    @staticmethod
-    def default(primitive, values, params):
-        return policy.fallback(primitive, values, params)
 
 
 def is_quantized(x) -> bool:
