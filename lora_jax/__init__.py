@@ -13,6 +13,7 @@ Modules, lowest layer first (each imports only modules listed before it):
 * `gram` — the r×r Gram algebra, eigendecompositions in groups;
 * `projection` — LoRA-Pro's matrix math; `preconditioning` — the Riemannian matrix math;
 * `factor_pairs` — how the optimizers find adapter pairs and put results back;
+* `pairs` — `paired` and `merge_pairs`: factors kept as sibling leaves (Qwix, NNX, Keras);
 * `optimizers` — the optax transformations.
 """
 
@@ -30,8 +31,11 @@ from lora_jax.wrapping import wrap
 from lora_jax.quant import Quantized, is_quantized, quantize
 
 # Optimizers (optax gradient transformations)
-from lora_jax.optimizers import (LoraProAdamWState, lora_pro, lora_pro_adamw, loraplus, riemannian,
-                                 scale_b)
+from lora_jax.optimizers import (LoraProAdamWState, add_decay_towards_base, lora_pro, lora_pro_adamw,
+                                 loraplus, riemannian, scale_b, scale_by_lora_pro_adam)
+
+# The same optimizers on LoRA factors kept as sibling leaves (Qwix / Tunix, Flax NNX, Keras)
+from lora_jax.pairs import merge_pairs, paired
 
 # Matrix-level math, on matrix-form factors a (…, I, r), b (…, r, O)
 from lora_jax.preconditioning import precondition_matrices
@@ -43,6 +47,7 @@ __all__ = [
     "LoRAMaterializationWarning",
     "LoraProAdamWState",
     "Quantized",
+    "add_decay_towards_base",
     "adjust_matrices",
     "apply",
     "combine",
@@ -55,11 +60,14 @@ __all__ = [
     "lora_pro_adamw",
     "loraplus",
     "merge",
+    "merge_pairs",
     "output_heads",
+    "paired",
     "precondition_matrices",
     "quantize",
     "riemannian",
     "scale_b",
+    "scale_by_lora_pro_adam",
     "split",
     "sylvester_x",
     "wrap",

@@ -73,111 +73,74 @@ def _gram_eigh(damping, rcond):
 # --------------------------------------------------------------------------------------------------
 
 class LoraProAdamWState(NamedTuple):
-    """count, and Adam moments: for each LoRA node an (*batch, I, O) array (the adapted kernel in
-    matrix form, in axes first), for any other trainable leaf an array of its shape."""
+    """State of `scale_by_lora_pro_adam`: the step count and, for each LoRA node, Adam's moments of
+    its full-shape equivalent gradient, (*batch, I, O) (the adapted kernel in matrix form, input
+    axes first); None at every other leaf."""
 
     count: jax.Array
     mu: Any
     nu: Any
 
 
-class _AdamW(NamedTuple):
-    """One step's hyperparameters, in the compute dtype."""
-    b1: Any
-    b2: Any
-    eps: Any
-    lr: Any
-    wd: Any
-    bc1: Any
-    bc2: Any
-    dtype: Any
-
-
-def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, weight_decay: float = 0.0, mu_dtype=None, *,
-                   damping: float = DEFAULT_DAMPING, rcond: float | None = None,
-                   compute_dtype=None) -> optax.GradientTransformation:
-    """LoRA-Pro with AdamW, the paper's Algorithm 2 ("full" mode), per adapted weight:
+def scale_by_lora_pro_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, mu_dtype=None, *,
+                           damping: float = DEFAULT_DAMPING, rcond: float | None = None,
+                           compute_dtype=None) -> optax.GradientTransformation:
+    """Steps 1–4 of LoRA-Pro's Algorithm 2, without the learning rate, for every `LoRA` node:
 
     1. ``g̃ = s·B gA' + s·gB' A`` with (gA', gB') from Theorem 2.1 with X = 0 (any X gives the same
-       g̃; it is the projection of the full gradient onto the adapters' tangent space);
+       g̃: the projection of the full gradient onto the adapters' tangent space);
     2. full-shape Adam on g̃: ``M ← β1 M + (1−β1) g̃``, ``V ← β2 V + (1−β2) g̃²``,
-       ``U = M̂ / (√V̂ + ε)`` with bias corrections ``M̂ = M/(1−β1ᵗ)``, ``V̂ = V/(1−β2ᵗ)``;
-    3. pull U back as a full gradient: ``gA_U = s·BᵀU``, ``gB_U = s·U Aᵀ``;
-    4. adjust (gA_U, gB_U) with Theorem 2.1 and the Sylvester X, and step
-       ``A ← A − lr·gA''``, ``B ← B − lr·gB''``.
+       ``U = M̂ / (√V̂ + ε)`` with ``M̂ = M/(1−β1ᵗ)``, ``V̂ = V/(1−β2ᵗ)``;
+    3. U pulled back as a full gradient: ``gA_U = s·BᵀU``, ``gB_U = s·U Aᵀ``;
+    4. (gA_U, gB_U) adjusted with Theorem 2.1 and the Sylvester X: the node's update.
 
-    Memory: M and V have the full shape of each adapted weight (stored as (*batch, I, O) in kernel
-    orientation, float32 unless `mu_dtype` is set for M) — the same optimizer state as full
-    fine-tuning for those weights; nothing else is kept but the step count. Other trainable leaves
-    (a new head, say) get plain AdamW with moments of their own shape.
-
-    Weight decay (differs from the reference): frozen weights stay frozen. The reference "full" mode
-    decays the whole W, scaling the frozen W0 by (1 − lr·λ) and A, B by √(1 − lr·λ). Here only the
-    adapters are scaled by √(1 − lr·λ), so the adapter's contribution ``s·B A`` shrinks by exactly
-    (1 − lr·λ) per step — AdamW's decoupled decay of W, but towards W0 instead of towards 0. Other
-    trainable leaves get AdamW's ``−lr·λ·p``.
-
-    `learning_rate` may be a float or an optax schedule; the transformation works inside
-    `optax.chain` and with `optax.inject_hyperparams`. ``update`` requires `params` (the trainable
-    tree). Extra keyword arguments: `damping`, `rcond`, `compute_dtype` as in `lora_pro`. (Under
-    `inject_hyperparams`, pass dtypes as strings, e.g. ``mu_dtype="bfloat16"``, or name them in
-    ``static_args``: optax treats any callable argument, such as ``jnp.bfloat16``, as a schedule.)
+    So ``chain(scale_by_lora_pro_adam(), optax.scale_by_learning_rate(lr))`` steps
+    ``A ← A − lr·gA''``, ``B ← B − lr·gB''``. M and V have the full shape of each adapted weight
+    (`LoraProAdamWState`; M in `mu_dtype`, else the compute dtype; sharded like the weight when the
+    factors are). Leaves that are not LoRA nodes pass through unchanged and get no state: route them
+    to another optimizer, as `lora_pro_adamw` does. ``update`` requires `params`.
     """
     compute_dtype = compute_dtype_of(compute_dtype)
+    m_dtype = compute_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
     warn = WarnOnce("lora_pro_adamw")
-    m_dtype = compute_dtype if mu_dtype is None else mu_dtype
 
     def init_fn(params):
         warn.check(params)
 
-        def zeros(p, dtype_for_lora):
-            if is_lora(p):  # sharded like the adapted weight when the factors are (FSDP)
-                return jnp.zeros(full_shape(p), dtype_for_lora, device=moment_sharding(p.a, p.b, p.roles))
-            return jnp.zeros_like(p, dtype=mu_dtype or p.dtype)
+        def zeros(p, dtype):  # sharded like the adapted weight when the factors are (FSDP)
+            return jnp.zeros(full_shape(p), dtype, device=moment_sharding(p.a, p.b, p.roles))
 
-        mu = jax.tree.map(lambda p: zeros(p, m_dtype), params, is_leaf=is_lora)
-        nu = jax.tree.map(lambda p: zeros(p, compute_dtype) if is_lora(p) else jnp.zeros_like(p),
-                          params, is_leaf=is_lora)
-        return LoraProAdamWState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+        moments = lambda dtype: jax.tree.map(lambda p: zeros(p, dtype) if is_lora(p) else None,
+                                             params, is_leaf=is_lora)
+        return LoraProAdamWState(count=jnp.zeros([], jnp.int32), mu=moments(m_dtype),
+                                 nu=moments(compute_dtype))
 
     def update_fn(updates, state, params=None):
         require_params(params, "lora_pro_adamw")
         u_leaves, p_leaves, u_def, paths = zip_lora(updates, params, "lora_pro_adamw")
         warn.check(params)
+        nodes = [i for i, u in enumerate(u_leaves) if is_lora(u)]
         mu_leaves, mu_def = jax.tree.flatten(state.mu)
         nu_leaves = jax.tree.leaves(state.nu)
-        if len(mu_leaves) != len(u_leaves):
+        if len(mu_leaves) != len(nodes) or len(nu_leaves) != len(nodes):
             raise ValueError("lora_pro_adamw: the state was initialised for a different tree")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         count = optax.safe_increment(state.count)
         t = count.astype(compute_dtype)
-        c = lambda v: jnp.asarray(v, compute_dtype)
-        hp = _AdamW(b1=b1, b2=b2, eps=eps, lr=c(lr), wd=c(weight_decay), bc1=1 - c(b1) ** t,
-                    bc2=1 - c(b2) ** t, dtype=compute_dtype)
-
+        hp = _Adam(b1=b1, b2=b2, eps=eps, bc1=1 - jnp.asarray(b1, compute_dtype) ** t,
+                   bc2=1 - jnp.asarray(b2, compute_dtype) ** t, dtype=compute_dtype)
         # Per node the matrix forms and Grams; then one eigh per (rank, dtype) group, not per node:
-        # each solver call is a separate launch, and per-node calls made a GPU step ~3× LoRA's.
-        mats = {}
-        for i, (path, u, p, m) in enumerate(zip(paths, u_leaves, p_leaves, mu_leaves)):
-            if is_lora(u):
-                if m.shape != full_shape(p):
-                    raise ValueError(f"lora_pro_adamw: state moment at {path} has shape {m.shape}, "
-                                     f"expected {full_shape(p)}")
-                mats[i] = node_matrices(p, u, compute_dtype)
-        node_eigs = dict(zip(mats, gram.grouped_factor_eighs(
-            [(a, b) for a, b, _, _ in mats.values()], _gram_eigh(damping, rcond))))
-
-        out, new_mu, new_nu = [], [], []
-        for i, (u, p, m, v) in enumerate(zip(u_leaves, p_leaves, mu_leaves, nu_leaves)):
-            if is_lora(u):
-                upd, m, v = _lora_adam_step(u, p.scale, mats[i], node_eigs[i], m, v, hp)
-                m = m.astype(m_dtype)
-            else:
-                upd, m, v = _leaf_adam_step(u, p, m, v, hp)
-                m = m.astype(mu_dtype or u.dtype)
-            out.append(upd)
-            new_mu.append(m)
+        # each solver call is a separate launch, and per-node calls made a GPU step ~3x LoRA's.
+        mats = []
+        for i, m in zip(nodes, mu_leaves):
+            if m.shape != full_shape(p_leaves[i]):
+                raise ValueError(f"lora_pro_adamw: state moment at {paths[i]} has shape {m.shape}, "
+                                 f"expected {full_shape(p_leaves[i])}")
+            mats.append(node_matrices(p_leaves[i], u_leaves[i], compute_dtype))
+        eigs = gram.grouped_factor_eighs([(a, b) for a, b, _, _ in mats], _gram_eigh(damping, rcond))
+        out, new_mu, new_nu = list(u_leaves), [], []
+        for i, mat, e, m, v in zip(nodes, mats, eigs, mu_leaves, nu_leaves):
+            out[i], m, v = _lora_adam_direction(u_leaves[i], p_leaves[i].scale, mat, e, m, v, hp)
+            new_mu.append(m.astype(m_dtype))
             new_nu.append(v)
         return (jax.tree.unflatten(u_def, out),
                 LoraProAdamWState(count=count, mu=jax.tree.unflatten(mu_def, new_mu),
@@ -186,9 +149,18 @@ def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float =
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _lora_adam_step(u, s, mats, eigs, m, v, hp: _AdamW):
-    """Algorithm 2 for one node: the projected full-shape gradient, Adam on it, pulled back to the
-    factors and adjusted again (steps 1–4 of `lora_pro_adamw`), plus the decay towards the base."""
+class _Adam(NamedTuple):
+    """One step's Adam constants, in the compute dtype."""
+    b1: Any
+    b2: Any
+    eps: Any
+    bc1: Any
+    bc2: Any
+    dtype: Any
+
+
+def _lora_adam_direction(u, s, mats, eigs, m, v, hp: _Adam):
+    """Steps 1–4 of `scale_by_lora_pro_adam` for one node: its update and new moments."""
     a, b, ga, gb = mats
     ga0, gb0 = adjust_matrices(a, b, ga, gb, s, x="zero", eigs=eigs)
     g_eq = equivalent_kernel_gradient(a, b, ga0, gb0, s)        # (…, I, O)
@@ -196,18 +168,94 @@ def _lora_adam_step(u, s, mats, eigs, m, v, hp: _AdamW):
     v = hp.b2 * v + (1 - hp.b2) * g_eq * g_eq
     upd = (m / hp.bc1) / (jnp.sqrt(v / hp.bc2) + hp.eps)
     ga_u, gb_u = s * mm(upd, mT(b)), s * mm(mT(a), upd)
-    ga2, gb2 = adjust_matrices(a, b, ga_u, gb_u, s, x="sylvester", eigs=eigs)
-    shrink = jnp.sqrt(jnp.maximum(1 - hp.lr * hp.wd, 0.0)) - 1
-    return with_factors(u, -hp.lr * ga2 + shrink * a, -hp.lr * gb2 + shrink * b), m, v
+    return with_factors(u, *adjust_matrices(a, b, ga_u, gb_u, s, x="sylvester", eigs=eigs)), m, v
 
 
-def _leaf_adam_step(u, p, m, v, hp: _AdamW):
-    """Plain AdamW for a trainable leaf that is not a LoRA node."""
-    g = u.astype(hp.dtype)
-    m = hp.b1 * m.astype(hp.dtype) + (1 - hp.b1) * g
-    v2 = hp.b2 * v.astype(hp.dtype) + (1 - hp.b2) * g * g
-    step = (m / hp.bc1) / (jnp.sqrt(v2 / hp.bc2) + hp.eps) + hp.wd * p.astype(hp.dtype)
-    return (-hp.lr * step).astype(u.dtype), m, v2.astype(v.dtype)
+def add_decay_towards_base(weight_decay: ScalarOrSchedule,
+                           learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
+    """AdamW's decoupled weight decay for LoRA nodes, towards the frozen weight instead of 0.
+
+    Adds ``c·a`` and ``c·b`` to each node's update, ``c = (1 − √(1 − lr·λ)) / lr``, so that after
+    `optax.scale_by_learning_rate` (``−lr·…``) the factors are scaled by ``√(1 − lr·λ)`` and the
+    adapter's contribution ``s·a@b`` by exactly ``1 − lr·λ``: AdamW's decay of W, with W0 kept.
+    (The LoRA-Pro reference decays the whole W, scaling the frozen W0 too; a frozen weight that
+    changes is no longer frozen.) `learning_rate` must be the one given to
+    ``scale_by_learning_rate`` (a schedule is read at this transformation's own step count, which
+    advances in step with that one's). Other leaves pass through.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        require_params(params, "add_decay_towards_base")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
+
+        def decay(u, p):
+            if not is_lora(u):
+                return u
+            lr_ = jnp.asarray(lr, jnp.float32)
+            shrink = 1 - jnp.sqrt(jnp.maximum(1 - lr_ * wd, 0.0))
+            c = jnp.where(lr_ > 0, shrink / jnp.where(lr_ > 0, lr_, 1.0), 0.5 * wd)  # lr → 0: λ/2
+            return dataclasses.replace(u, a=(u.a + c * p.a).astype(u.a.dtype),
+                                       b=(u.b + c * p.b).astype(u.b.dtype))
+
+        out = jax.tree.map(decay, updates, params, is_leaf=is_lora)
+        return out, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, weight_decay: float = 0.0, mu_dtype=None, *,
+                   damping: float = DEFAULT_DAMPING, rcond: float | None = None,
+                   compute_dtype=None) -> optax.GradientTransformation:
+    """LoRA-Pro with AdamW, the paper's Algorithm 2 ("full" mode), from optax pieces:
+
+    * LoRA nodes: ``chain(scale_by_lora_pro_adam(b1, b2, eps, mu_dtype), add_decay_towards_base(
+      weight_decay, learning_rate), optax.scale_by_learning_rate(learning_rate))`` — full-shape Adam
+      on the projected gradient, pulled back to the factors and adjusted (`scale_by_lora_pro_adam`),
+      decay towards the frozen weight (`add_decay_towards_base`);
+    * every other trainable leaf (a new head, say): ``optax.adamw(learning_rate, b1, b2, eps,
+      weight_decay, mu_dtype=mu_dtype)``,
+
+    split by `optax.partition`. Memory: M and V have the full shape of each adapted weight — the
+    same optimizer state as full fine-tuning for those weights — plus step counts.
+
+    `learning_rate` may be a float or an optax schedule; the transformation works inside
+    `optax.chain` (e.g. after ``optax.clip_by_global_norm``, which clips the raw gradients: the
+    same as clipping the projected ones, the projection being linear and norm-reducing) and with
+    `optax.inject_hyperparams`. ``update`` requires `params` (the trainable tree). `damping`,
+    `rcond`, `compute_dtype` as in `lora_pro`. (Under `inject_hyperparams`, pass dtypes as strings,
+    e.g. ``mu_dtype="bfloat16"``, or name them in ``static_args``: optax treats any callable
+    argument, such as ``jnp.bfloat16``, as a schedule.)
+    """
+    lora_tx = optax.chain(
+        scale_by_lora_pro_adam(b1, b2, eps, mu_dtype, damping=damping, rcond=rcond,
+                               compute_dtype=compute_dtype),
+        optax.identity() if _is_zero(weight_decay) else add_decay_towards_base(weight_decay, learning_rate),
+        optax.scale_by_learning_rate(learning_rate))
+    other_tx = optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, mu_dtype=mu_dtype)
+    split = optax.partition({"lora": lora_tx, "other": other_tx}, _lora_or_other)
+
+    def update_fn(updates, state, params=None):
+        # checked before optax.partition masks params with the updates' labels, whose own error
+        # on a mismatch would not say what to pass
+        require_params(params, "lora_pro_adamw")
+        zip_lora(updates, params, "lora_pro_adamw")
+        return split.update(updates, state, params)
+
+    return optax.GradientTransformation(split.init, update_fn)
+
+
+def _is_zero(x) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+def _lora_or_other(tree):
+    return jax.tree.map(lambda x: "lora" if is_lora(x) else "other", tree, is_leaf=is_lora)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,4 +328,5 @@ def loraplus(inner: optax.GradientTransformation, ratio: float = 16.0) -> optax.
     return optax.chain(inner, scale_b(ratio))
 
 
-__all__ = ["LoraProAdamWState", "lora_pro", "lora_pro_adamw", "loraplus", "riemannian", "scale_b"]
+__all__ = ["LoraProAdamWState", "add_decay_towards_base", "lora_pro", "lora_pro_adamw", "loraplus",
+           "riemannian", "scale_b", "scale_by_lora_pro_adam"]

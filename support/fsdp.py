@@ -44,7 +44,7 @@ def measure(model_dir: Path, mesh: str | None, adapters: str, batch: int, seq: i
     shapes = {tuple(sorted(x.shape)) for x in weights}
     gathers = [shape for shape, _ in all_gathers(hlo)]
     # the step donates tr and state: read their bytes before timing it
-    moments = shard_bytes([m for m in jax.tree.leaves((state.mu, state.nu)) if m.ndim >= 2])
+    moments = shard_bytes([m for m in jax.tree.leaves(state) if m.ndim >= 2])  # Adam's moments
     ad = shard_bytes([x for x in jax.tree.leaves(tr) if x.ndim >= 2])
     carry = {"tr": tr, "state": state}
 

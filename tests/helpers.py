@@ -125,3 +125,12 @@ def run_until(main, argv, stop_after: int):
             main(argv)
     finally:
         checkpoint.Checkpointer.save = orig
+
+
+def lora_pro_state(state) -> lora_jax.LoraProAdamWState:
+    """The one `LoraProAdamWState` inside a `lora_pro_adamw` state (it sits in optax.partition's
+    inner states)."""
+    found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, lora_jax.LoraProAdamWState))
+             if isinstance(x, lora_jax.LoraProAdamWState)]
+    assert len(found) == 1, state
+    return found[0]

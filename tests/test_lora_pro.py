@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lora_jax
+from helpers import lora_pro_state
 from lora_jax import gram
 from lora_jax.projection import adjust_matrices, equivalent_kernel_gradient, sylvester_x
 from lora_jax.node import LoRA
@@ -391,13 +392,15 @@ def test_lora_pro_adamw_state_is_exactly_the_full_moments():
     params = {"q": make_node(a, b, s, (I,), (6, 4)), "head": jnp.zeros((5,)), "frozen": None}
     tx = lora_jax.lora_pro_adamw(1e-3)
     state = tx.init(params)
-    assert isinstance(state, lora_jax.LoraProAdamWState)
-    assert state.mu["q"].shape == (L, I, O) and state.nu["q"].shape == (L, I, O)
-    assert state.mu["head"].shape == (5,) and state.mu["frozen"] is None
+    lp = lora_pro_state(state)  # the full-shape moments; the head's are optax.adamw's
+    assert lp.mu["q"].shape == (L, I, O) and lp.nu["q"].shape == (L, I, O)
+    assert lp.mu["frozen"] is None and not jax.tree_util.tree_leaves(lp.mu["head"])
     leaves = jax.tree_util.tree_leaves(state)
-    assert sorted(x.size for x in leaves) == sorted([1, L * I * O, L * I * O, 5, 5])
+    counts = [x for x in leaves if x.size == 1]
+    assert len(counts) == 2  # the LoRA part's and optax.adamw's
+    assert sorted(x.size for x in leaves) == sorted([1, 1, L * I * O, L * I * O, 5, 5])
     mem = jax.jit(tx.init).lower(params).compile().memory_analysis()
-    exact = 4 * (2 * L * I * O + 2 * 5 + 1)
+    exact = 4 * (2 * L * I * O + 2 * 5 + 2)
     if mem is not None:  # XLA pads each small buffer; allow alignment slack, nothing more
         assert exact <= mem.output_size_in_bytes <= exact + 64 * len(leaves)
     # and the state is unchanged in structure by an update

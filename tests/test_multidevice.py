@@ -96,6 +96,8 @@ SHARDINGS = textwrap.dedent(r"""
         np.testing.assert_allclose(merged, np.asarray(params[k]) + np.asarray(adapted[k].delta()), rtol=1e-5, atol=1e-6)
     # LoRA-Pro AdamW's moments (kept as (*batch, I, O)) are split like w
     state = lora_jax.lora_pro_adamw(1e-3).init(tr)
+    state, = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, lora_jax.LoraProAdamWState))
+              if isinstance(x, lora_jax.LoraProAdamWState)]
     moments = {"dense": P("fsdp", None), "stack": P(None, None, "fsdp"), "query": P("fsdp", None),
                "out": P(None, "fsdp")}
     for k, spec in moments.items():
