@@ -9,7 +9,6 @@ unchanged. `merge_pairs` is checked against a float64 NumPy ``w + s·a@b``.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
