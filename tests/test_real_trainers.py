@@ -22,6 +22,7 @@ qwix = pytest.importorskip("qwix")
 import lora_jax  # noqa: E402
 from lora_jax.node import LoRA, is_lora  # noqa: E402
 from lora_jax.paths import path_str  # noqa: E402
+from support.qwix_nodes import flat_nodes, own_nodes, qwix_factors  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
 SCALE = ALPHA / RANK
@@ -98,32 +99,6 @@ def qwix_model(dtype=jnp.float32, seed=0):
     return base, lm, tokens
 
 
-def qwix_factors(lm):
-    """{'/'-joined path: array} of the Qwix model's LoRA factors."""
-    flat = jax.tree_util.tree_flatten_with_path(nnx.as_pure(nnx.state(lm, nnx.LoRAParam)))[0]
-    return {path_str(p): x for p, x in flat}
-
-
-def own_nodes(base, factors):
-    """The base model's state with each Qwix-adapted weight replaced by a lora_jax `LoRA` node
-    holding Qwix's factors (roles: the weight's leading axes are its inputs, as `a`'s)."""
-    graphdef, state = nnx.split(base)
-
-    def node(path, w):
-        p = path_str(path)
-        if p + "_lora_a" not in factors:
-            return w
-        a, b = factors[p + "_lora_a"], factors[p + "_lora_b"]
-        return LoRA(w=w, a=a, b=b, scale=SCALE, roles="i" * (a.ndim - 1) + "o" * (b.ndim - 1))
-
-    return graphdef, jax.tree_util.tree_map_with_path(node, state)
-
-
-def flat_nodes(tree):
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)[0]
-    return {path_str(p): x for p, x in flat if is_lora(x)}
-
-
 def _rel(x, y):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
@@ -135,7 +110,7 @@ def qwix_and_own_updates(dtype, make_tx):
     largest relative difference of each."""
     base, lm, tokens = qwix_model(dtype)
     factors = qwix_factors(lm)
-    graphdef, tree = own_nodes(base, factors)
+    graphdef, tree = own_nodes(base, factors, SCALE)
     trainable, frozen = lora_jax.split(tree)
 
     def own_loss(t):
