@@ -357,3 +357,25 @@ def test_72_pairs_one_eigh_per_group_and_no_more_flops(tx_name):
     ratio = flops(p_comp) / flops(o_comp)
     print(f"{tx_name}: paired/own-node update FLOPs = {ratio:.4f}, eigh {n_paired}")
     assert ratio <= 1.05
+
+
+def test_paired_lora_pro_adamw_with_schedule_and_inject_hyperparams():
+    own, own_g = own_tree(14, layers=1), own_tree(15, layers=1)
+    params, grads = to_siblings(own), to_siblings(own_g)
+    scales = scales_of(own)
+    sched = optax.linear_schedule(1e-2, 0.0, 4)
+    for make in (lambda: lora_jax.lora_pro_adamw(sched, weight_decay=0.1),
+                 lambda: optax.chain(optax.clip_by_global_norm(0.5), lora_jax.lora_pro_adamw(1e-2))):
+        got = _steps(lora_jax.paired(make(), scale=lambda p: scales[p]), params, grads)
+        ref = [to_siblings(u) for u in _steps(make(), own, own_g)]
+        for g, r in zip(got, ref):
+            assert max(_rel(x, y) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(r))) <= 1e-6
+    # inject_hyperparams: the learning rate is read from the state, through paired
+    tx = lora_jax.paired(optax.inject_hyperparams(lora_jax.lora_pro_adamw)(learning_rate=1e-2),
+                         scale=lambda p: scales[p])
+    st = tx.init(params)
+    u1, _ = tx.update(grads, st, params)
+    st.hyperparams["learning_rate"] = jnp.asarray(3e-2)
+    u2, _ = tx.update(grads, st, params)
+    for x, y in zip(jax.tree.leaves(u2), jax.tree.leaves(u1)):
+        np.testing.assert_allclose(x, 3 * y, rtol=1e-5, atol=1e-9)
