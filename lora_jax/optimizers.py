@@ -225,9 +225,9 @@ def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float =
     same optimizer state as full fine-tuning for those weights — plus step counts.
 
     `learning_rate` may be a float or an optax schedule; the transformation works inside
-    `optax.chain` (e.g. after ``optax.clip_by_global_norm``, which clips the raw gradients: the
-    same as clipping the projected ones, the projection being linear and norm-reducing) and with
-    `optax.inject_hyperparams`. ``update`` requires `params` (the trainable tree). `damping`,
+    `optax.chain` (e.g. after ``optax.clip_by_global_norm``, which scales the raw factor gradients
+    by one factor read from their norm; the projection being linear, the projected gradient is
+    scaled by the same factor) and with `optax.inject_hyperparams`. ``update`` requires `params` (the trainable tree). `damping`,
     `rcond`, `compute_dtype` as in `lora_pro`. (Under `inject_hyperparams`, pass dtypes as strings,
     e.g. ``mu_dtype="bfloat16"``, or name them in ``static_args``: optax treats any callable
     argument, such as ``jnp.bfloat16``, as a schedule.)
