@@ -298,3 +298,64 @@ def test_b_tunix_peft_trainer_with_lora_pro():
             worst = max(worst, _rel(dK, projection_from_factor_grads(a, b, ga, gb, SCALE)))
     print(f"(b) projection property on {len([k for k in P if k.endswith('_lora_a')])} pairs: max rel err {worst:.2e}")
     assert worst <= 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# Keras 3 (JAX backend): real `enable_lora` layers driven by `stateless_call` + optax
+# ------------------------------------------------------------------------------------------------
+
+KERAS_SCRIPT = r'''
+import os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+import jax, jax.numpy as jnp, numpy as np, optax, keras
+import lora_jax
+from lora_jax.node import LoRA
+
+model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(24, activation="gelu", name="up"),
+                          keras.layers.Dense(5, name="down")])
+for layer in model.layers:
+    layer.enable_lora(3, lora_alpha=6.0)          # scale lora_alpha / rank = 2
+paths = [v.path for v in model.trainable_variables]
+params = {v.path: v.value for v in model.trainable_variables}
+frozen = [v.value for v in model.non_trainable_variables]
+rng = np.random.default_rng(0)
+params = {p: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype) if "lora_kernel_b" in p else x
+          for p, x in params.items()}             # b = 0 after enable_lora hides half the maths
+x, y = rng.normal(size=(16, 12)).astype("float32"), rng.normal(size=(16, 5)).astype("float32")
+
+def loss(params):
+    out, _ = model.stateless_call([params[p] for p in paths], frozen, x)
+    return jnp.mean((out - y) ** 2)
+
+tx = lora_jax.paired(lora_jax.lora_pro_adamw(1e-2), a="lora_kernel_a", b="lora_kernel_b", scale=2.0)
+own_tx = lora_jax.lora_pro_adamw(1e-2)
+def own(t):                                        # the oracle: lora_jax's own nodes, same factors
+    return {p[: -len("lora_kernel_a")]: LoRA(w=None, a=t[p], b=t[p.replace("_a", "_b")], scale=2.0, roles="io")
+            for p in t if p.endswith("lora_kernel_a")} | {p: t[p] for p in t if "lora" not in p}
+st, own_st, own_p = tx.init(params), own_tx.init(own(params)), own(params)
+losses, worst = [float(loss(params))], 0.0
+for _ in range(5):
+    g = jax.grad(loss)(params)
+    u, st = jax.jit(tx.update)(g, st, params)
+    ou, own_st = jax.jit(own_tx.update)(own(g), own_st, own_p)
+    ref = own(u)
+    for k in ref:
+        for got, want in zip(jax.tree.leaves(ref[k]), jax.tree.leaves(ou[k])):
+            worst = max(worst, float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)))
+    params, own_p = optax.apply_updates(params, u), optax.apply_updates(own_p, ou)
+    losses.append(float(loss(params)))
+for v in model.trainable_variables:
+    v.assign(params[v.path])
+print("RESULT", losses[0], losses[-1], float(jnp.mean((model(x) - y) ** 2)), worst)
+'''
+
+
+def test_keras_enable_lora_through_stateless_call():
+    import subprocess
+    import sys
+    pytest.importorskip("keras")
+    out = subprocess.run([sys.executable, "-c", KERAS_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, last, assigned, worst = map(float, out.stdout.split("RESULT")[1].split())
+    print(f"Keras enable_lora + paired(lora_pro_adamw): loss {first:.4f} -> {last:.4f}; vs own nodes {worst:.1e}")
+    assert last < first and abs(assigned - last) < 1e-5 and worst <= 1e-5
