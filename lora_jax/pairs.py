@@ -36,7 +36,7 @@ import optax
 from lora_jax import gram
 from lora_jax.factor_pairs import require_params
 from lora_jax.node import LoRA
-from lora_jax.paths import path_str
+from lora_jax.paths import flatten_with_paths
 
 Scale = Union[float, Callable[[str], float]]
 
@@ -121,8 +121,8 @@ def _scale_of(scale: Scale, path: str, name: str) -> float:
 
 
 def _flatten(tree):
-    with_paths, treedef = jax.tree.flatten_with_path(tree)
-    return [path_str(k) for k, _ in with_paths], [x for _, x in with_paths], treedef
+    with_paths, treedef = flatten_with_paths(tree)
+    return [p for p, _ in with_paths], [x for _, x in with_paths], treedef
 
 
 def _as_nodes(pairs: list[Pair], others: list[int], paths, leaves) -> dict:

@@ -12,13 +12,17 @@ import jax
 from flax import nnx
 
 from lora_jax.node import LoRA, is_lora
-from lora_jax.paths import path_str
+from lora_jax.paths import flatten_with_paths, path_str
+
+
+def by_path(tree, is_leaf=None) -> dict:
+    """{'/'-joined path: leaf} of a tree."""
+    return dict(flatten_with_paths(tree, is_leaf=is_leaf)[0])
 
 
 def qwix_factors(lm) -> dict:
     """{'/'-joined path: array} of a Qwix-LoRA model's `nnx.LoRAParam` leaves."""
-    flat = jax.tree_util.tree_flatten_with_path(nnx.as_pure(nnx.state(lm, nnx.LoRAParam)))[0]
-    return {path_str(p): x for p, x in flat}
+    return by_path(nnx.as_pure(nnx.state(lm, nnx.LoRAParam)))
 
 
 def own_nodes(base, factors: dict, scale: float):
@@ -38,8 +42,7 @@ def own_nodes(base, factors: dict, scale: float):
 
 def flat_nodes(tree) -> dict:
     """{'/'-joined path: LoRA node} of a tree."""
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)[0]
-    return {path_str(p): x for p, x in flat if is_lora(x)}
+    return {p: x for p, x in by_path(tree, is_leaf=is_lora).items() if is_lora(x)}
 
 
-__all__ = ["flat_nodes", "own_nodes", "qwix_factors"]
+__all__ = ["by_path", "flat_nodes", "own_nodes", "qwix_factors"]

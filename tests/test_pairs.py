@@ -18,6 +18,7 @@ from flax import nnx
 
 import lora_jax
 from lora_jax.node import LoRA, is_lora
+from lora_jax.paths import flatten_with_paths
 from support.probes import flops
 from test_lora_pro_grouped import count_primitive
 
@@ -60,15 +61,12 @@ def to_siblings(tree, a="kernel_lora_a", b="kernel_lora_b"):
 
 
 def scales_of(tree):
-    out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)[0]:
-        if is_lora(x):
-            out["/".join(k.key for k in path) + "/kernel_lora_a"] = x.scale
-    return out
+    """{path of the pair's `a` leaf in `to_siblings(tree)`: scale}."""
+    return {p + "/kernel_lora_a": x.scale for p, x in flatten_with_paths(tree, is_leaf=is_lora)[0] if is_lora(x)}
 
 
 def _flat(tree):
-    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return flatten_with_paths(tree)[0]
 
 
 def _rel(x, y):

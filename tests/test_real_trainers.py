@@ -22,7 +22,7 @@ qwix = pytest.importorskip("qwix")
 import lora_jax  # noqa: E402
 from lora_jax.node import LoRA, is_lora  # noqa: E402
 from lora_jax.paths import path_str  # noqa: E402
-from support.qwix_nodes import flat_nodes, own_nodes, qwix_factors  # noqa: E402
+from support.qwix_nodes import by_path, flat_nodes, own_nodes, qwix_factors  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
 SCALE = ALPHA / RANK
@@ -123,7 +123,7 @@ def qwix_and_own_updates(dtype, make_tx):
     own_grads = jax.grad(own_loss)(trainable)
     diffs = {"grad": 0.0, "update": 0.0}
     g_nodes = flat_nodes(own_grads)
-    qg = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(q_grads)[0]}
+    qg = by_path(q_grads)
     assert len(g_nodes) == 2 * 6 and len(qg) == 2 * len(g_nodes)
     for p, n in g_nodes.items():
         diffs["grad"] = max(diffs["grad"], _rel(qg[p + "_lora_a"], n.a), _rel(qg[p + "_lora_b"], n.b))
@@ -137,7 +137,7 @@ def qwix_and_own_updates(dtype, make_tx):
     for _ in range(2):
         q_u, p_state = jax.jit(paired.update)(q_grads, p_state, q_params)
         o_u, o_state = jax.jit(own.update)(own_grads, o_state, trainable)
-        qu = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(q_u)[0]}
+        qu = by_path(q_u)
         for p, n in flat_nodes(o_u).items():
             diffs["update"] = max(diffs["update"], _rel(qu[p + "_lora_a"], n.a), _rel(qu[p + "_lora_b"], n.b))
         q_params, trainable = optax.apply_updates(q_params, q_u), optax.apply_updates(trainable, o_u)
@@ -282,21 +282,19 @@ def test_b_tunix_peft_trainer_with_lora_pro():
         p64, g64 = to64(params), to64(grads)
         tx = lora_jax.paired(lora_jax.lora_pro(damping=0.0, compute_dtype=jnp.float64), scale=SCALE)
         u = tx.update(g64, tx.init(p64), p64)[0]
-        flat = lambda t: {path_str(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
-        P, G, U = flat(p64), flat(g64), flat(u)
+        P, G, U = by_path(p64), by_path(g64), by_path(u)
+        a_paths = [k for k in P if k.endswith("_lora_a")]
+
+        def matrices(t, path):  # the pair at `path` of tree `t` as (I, r), (r, O) float64 matrices
+            roles = "i" * (P[path].ndim - 1)
+            return (np.asarray(m) for m in gram.node_matrices(t[path], t[path[:-1] + "b"], roles))
+
         worst = 0.0
-        for path in [k for k in P if k.endswith("_lora_a")]:
-            bpath = path[: -len("lora_a")] + "lora_b"
-            mats = [np.asarray(m) for m in gram.node_matrices(
-                *(jnp.asarray(t[k]) for t, k in ((P, path), (P, bpath))), "i" * (P[path].ndim - 1))]
-            a, b = mats
-            ga, gb = (np.asarray(m) for m in gram.node_matrices(jnp.asarray(G[path]), jnp.asarray(G[bpath]),
-                                                                 "i" * (P[path].ndim - 1)))
-            ua, ub = (np.asarray(m) for m in gram.node_matrices(jnp.asarray(U[path]), jnp.asarray(U[bpath]),
-                                                                 "i" * (P[path].ndim - 1)))
+        for path in a_paths:
+            (a, b), (ga, gb), (ua, ub) = (matrices(t, path) for t in (P, G, U))
             dK = SCALE * (ua @ b + a @ ub)
             worst = max(worst, _rel(dK, projection_from_factor_grads(a, b, ga, gb, SCALE)))
-    print(f"(b) projection property on {len([k for k in P if k.endswith('_lora_a')])} pairs: max rel err {worst:.2e}")
+    print(f"(b) projection property on {len(a_paths)} pairs: max rel err {worst:.2e}")
     assert worst <= 1e-9
 
 
@@ -305,12 +303,13 @@ def test_b_tunix_peft_trainer_with_lora_pro():
 # ------------------------------------------------------------------------------------------------
 
 KERAS_SCRIPT = r'''
-import os, sys
+import os
 os.environ["KERAS_BACKEND"] = "jax"
 import jax, jax.numpy as jnp, numpy as np, optax, keras
 import lora_jax
 from lora_jax.node import LoRA
 
+keras.utils.set_random_seed(0)
 model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(24, activation="gelu", name="up"),
                           keras.layers.Dense(5, name="down")])
 for layer in model.layers:
@@ -330,7 +329,7 @@ def loss(params):
 tx = lora_jax.paired(lora_jax.lora_pro_adamw(1e-2), a="lora_kernel_a", b="lora_kernel_b", scale=2.0)
 own_tx = lora_jax.lora_pro_adamw(1e-2)
 def own(t):                                        # the oracle: lora_jax's own nodes, same factors
-    return {p[: -len("lora_kernel_a")]: LoRA(w=None, a=t[p], b=t[p.replace("_a", "_b")], scale=2.0, roles="io")
+    return {p[: -len("lora_kernel_a")]: LoRA(w=None, a=t[p], b=t[p[:-1] + "b"], scale=2.0, roles="io")
             for p in t if p.endswith("lora_kernel_a")} | {p: t[p] for p in t if "lora" not in p}
 st, own_st, own_p = tx.init(params), own_tx.init(own(params)), own(params)
 losses, worst = [float(loss(params))], 0.0
