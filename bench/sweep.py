@@ -74,15 +74,18 @@ RESULTS = ROOT / "bench" / "results"
 # runs: one trainer process each, read back from their summary.json
 
 
-def train_run(task: str, out: Path, name: str, args: list[str], dry: bool = False) -> dict | None:
+def train_run(task: str, out: Path, name: str, args: list[str], dry: bool = False,
+              resume: bool = False) -> dict | None:
     """One ``python -m train.<task>`` run named `name` under `out` (skipped when its summary.json
-    exists); returns its summary (None when it failed or `dry`), with ``run_wall_s`` added for a
-    run made here."""
+    exists; `resume`: continued from its checkpoint, else started afresh); returns its summary
+    (None when it failed or `dry`), with ``run_wall_s`` added for a run made here (a resumed run:
+    this process's part)."""
     summary = out / name / "summary.json"
     if summary.is_file():
         print(f"[{name}] done already", flush=True)
         return json.loads(summary.read_text())
-    cmd = [sys.executable, "-m", f"train.{task}", "--out", str(out), "--name", name, "--overwrite", *args]
+    cmd = [sys.executable, "-m", f"train.{task}", "--out", str(out), "--name", name,
+           "--resume" if resume else "--overwrite", *args]
     print(f"[{name}] {time.strftime('%H:%M:%S')} {' '.join(cmd[1:])}", flush=True)
     if dry:
         return None
@@ -156,6 +159,7 @@ def classify_args(a) -> list[str]:
     return ["--model", "minilm", "--dataset", "lora_jax_movie_reviews", "--steps", str(a.steps),
             "--batch-size", str(a.batch_size), "--max-len", str(a.max_len), "--eval-limit", str(a.eval_limit),
             "--train-eval-limit", str(a.train_eval_limit), "--eval-every", str(a.steps),
+            "--clip-norm", "0",  # the recorded table predates --clip-norm (default 1.0) and ran without
             "--ckpt-every", str(a.steps), "--keep", "1", "--dropout", str(a.dropout), "--rank", "8", "--alpha", "16",
             "--quiet", "--no-plot"]
 

@@ -134,7 +134,7 @@ class Classify(Task):
     default_lr = {"probe": 3e-3, "full": 5e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
     trajectory = ("model", "dataset", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr",
-                  "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "train_limit", "pooling",
+                  "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "pooling",
                   "dropout", "lora_dropout", "data_dir", "dtype")
     model_key = "model_dir"
     batch_keys = KEYS

@@ -24,6 +24,10 @@ def add_common_args(p: argparse.ArgumentParser, *, methods, default_lr: dict, ta
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-norm", type=float, default=1.0,
+                   help="clip the gradient to this global norm before the method's optimizer (for LoRA-Pro: "
+                        "the raw LoRA gradients, before the adjustment; as the reference and HF Trainer's "
+                        "max_grad_norm); 0: no clipping")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out examples")
@@ -51,6 +55,7 @@ NUMERIC_RULES = [
     ("lr", lambda v: v > 0, "> 0"),
     ("alpha", lambda v: v > 0, "> 0"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("clip_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
     ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -13,6 +13,27 @@ directory (`train.llama.load`). Methods (``--method``):
 * ``lora-pro``: LoRA-Pro "efficient": ``optax.chain(lora_jax.lora_pro(), optax.adamw(lr))``;
 * ``lora-pro-adamw``: LoRA-Pro Algorithm 2 (`lora_jax.lora_pro_adamw`).
 
+Optimisation: AdamW, linear warmup over ``--warmup-ratio`` of the steps then cosine decay to 0,
+gradients clipped to global norm ``--clip-norm`` (default 1.0; 0: off) before the method's
+optimizer. LoRA-Pro's reference recipe (Wang et al., the authors' training script and optimizer),
+what this trainer follows and where it differs:
+
+* followed: r 8, α 16 (s = α/r = 2, read from each adapter rather than hard-coded), no dropout,
+  all seven projections, float32 factors, AdamW with weight decay 0, cosine schedule (their warmup
+  3%: ``--warmup-ratio 0.03``; our default stays 0.1), clipping at global norm 1.0 of the raw LoRA
+  gradients (clipping first, as here, is the same for the efficient mode: the adjustment is linear);
+  the full mode (Algorithm 2, ``lora-pro-adamw``) with full-FT-scale learning rates;
+* not followed: (1) their Adam step counter is already 1 at the first update, so bias correction
+  starts at t = 2 (first step ``0.1g/0.19 / √(0.001g²/0.002) ≈ 0.74·sign(g)`` instead of Adam's
+  ``sign(g)``); ours starts at t = 1, as `optax.adam` and the paper's Algorithm 2 write it — under
+  warmup the first step's lr is 0 anyway. (2) They invert the r×r Grams as ``pinv(M + 1e-8·I)``;
+  `lora_jax.gram` takes ``1/(λ + 1e-8)`` on the eigen-directions of M and 0 on numerically null ones
+  (λ ≤ 10·r·eps·λ_max): the same where M is well conditioned and at b = 0 (where both terms it
+  multiplies vanish), but no 1e8-sized factors on null directions. (3) The base model here is
+  float32 (dequantized from the GGUF), not bf16; SmolLM2-135M, not Llama-2-7B; the arithmetic
+  problems of `train.arith`, not MetaMathQA/GSM8K; batch and steps are sized for 2 CPU cores
+  (`bench.sweep lm`).
+
 Data: the first ``--train-limit`` training problems of `train.arith` (stream seed ``--data-seed``,
 fixed across training seeds) in ChatML through the model's chat template, the loss (token mean)
 on the answer tokens only; the training seed picks the batch order (`train.loop.BatchOrder`).
@@ -23,7 +44,9 @@ KV-cache decoding, ``--max-new-tokens``, on the merged weights; `train.arith.par
 ``eval_loss``, the teacher-forced loss on the held-out answers. ``--eval-base`` also reports the
 base model's accuracy (before any step). The final replies go to ``samples.jsonl``. ``--val-limit N``
 adds ``val_acc`` at the end: exact match on N training-split problems after the ``--train-limit``
-ones (never trained on), for choosing a learning rate without looking at the held-out set.
+ones (never trained on), and ``val_loss``, their teacher-forced answer loss, for choosing a
+learning rate without looking at the held-out set. Each held-out sample in ``samples.jsonl`` also
+carries its own ``answer_loss`` (for intervals paired by problem).
 
 Base weights (``--base``): ``f32`` dequantizes the GGUF to float32; ``q4`` (QLoRA, LoRA methods only)
 keeps its Q4_1/Q8_0 blocks in memory (`train.llama.load_gguf(keep_quantized=True)`), dequantized
@@ -70,11 +93,13 @@ class LMSetup(Setup):
     quantized: bool = False  # the frozen base holds `lora_jax.Quantized` weights (--base q4)
 
 
-def answer_loss(logits, batch):
-    """(sum of next-token cross-entropies over the answer tokens, their count)."""
+def answer_loss(logits, batch, per_example: bool = False):
+    """(sum of next-token cross-entropies over the answer tokens, their count); with `per_example`,
+    one of each per row of the batch."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:])
     m = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    return jnp.sum(ce * m), jnp.sum(m)
+    axis = 1 if per_example else None
+    return jnp.sum(ce * m, axis=axis), jnp.sum(m, axis=axis)
 
 
 def merged(tr, fr, quantized: bool = False):
@@ -116,21 +141,24 @@ def exact_match(model, params, tok, probs, prompts, *, eos_id, pad_id, max_new_t
     return acc, samples
 
 
-def heldout_loss(eval_step, params, data: dict, batch_size: int, put=None) -> float:
-    """Mean teacher-forced cross-entropy per answer token over `data` (last batch padded, masked).
-    `put` places a batch of NumPy arrays (default `jnp.asarray`; `train.parallel.Parallel.eval_batch`)."""
+def heldout_loss(eval_step, params, data: dict, batch_size: int, put=None) -> tuple[float, np.ndarray]:
+    """(mean teacher-forced cross-entropy per answer token over `data`, each example's own mean)
+    (last batch padded, masked); `eval_step` returns per-row (sum, count). `put` places a batch of
+    NumPy arrays (default `jnp.asarray`; `train.parallel.Parallel.eval_batch`)."""
     put = put or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
     n = len(data["input_ids"])
-    total = count = 0.0
+    totals, counts = [], []
     for start in range(0, n, batch_size):
         idx = np.minimum(np.arange(start, start + batch_size), n - 1)
         valid = (np.arange(start, start + batch_size) < n)[:, None]
         batch = put({"input_ids": data["input_ids"][idx], "attention_mask": data["attention_mask"][idx],
                      "loss_mask": data["loss_mask"][idx] * valid})
         t, c = eval_step(params, batch)
-        total += float(t)
-        count += float(c)
-    return total / max(count, 1.0)
+        keep = min(batch_size, n - start)
+        totals.append(np.asarray(t, np.float64)[:keep])
+        counts.append(np.asarray(c, np.float64)[:keep])
+    t, c = (np.concatenate(x) if x else np.zeros(0) for x in (totals, counts))
+    return float(t.sum() / max(c.sum(), 1.0)), t / np.maximum(c, 1.0)
 
 
 @dataclasses.dataclass
@@ -141,6 +169,7 @@ class Data:
     prompts: list  # the held-out prompts' token ids (exact match)
     val_probs: list  # --val-limit training-split problems after the --train-limit ones
     val_prompts: list
+    vald: dict | None  # the encoded validation problems (teacher-forced loss)
     max_len: int
     gen: dict  # `exact_match`'s decoding settings
     samples: list = dataclasses.field(default_factory=list)  # the last evaluation's replies
@@ -158,7 +187,7 @@ class LM(Task):
     default_lr = {"full": 3e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
     trajectory = ("model", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr", "seed",
-                  "max_len", "warmup_ratio", "schedule", "weight_decay", "train_limit", "data_seed", "base")
+                  "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "data_seed", "base")
     model_key = "model_path"
     batch_keys = KEYS
     common_defaults = dict(
@@ -246,7 +275,8 @@ class LM(Task):
         gen = dict(eos_id=eos_id, pad_id=eos_id, max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
         return Data(arith.encode(tok, train_probs, max_len, pad_id=eos_id), arith.encode(tok, eval_probs, None, pad_id=eos_id),
                     eval_probs, [arith.prompt_ids(tok, p) for p in eval_probs], val_probs,
-                    [arith.prompt_ids(tok, p) for p in val_probs], max_len, gen)
+                    [arith.prompt_ids(tok, p) for p in val_probs],
+                    arith.encode(tok, val_probs, None, pad_id=eos_id) if val_probs else None, max_len, gen)
 
     def loss(self, forward, params, batch, key):
         del key  # no dropout in these models
@@ -258,15 +288,20 @@ class LM(Task):
 
         @jax.jit
         def eval_step(params, batch):  # `merged` params
-            return answer_loss(apply({"params": params}, batch["input_ids"], batch["attention_mask"]), batch)
+            return answer_loss(apply({"params": params}, batch["input_ids"], batch["attention_mask"]), batch,
+                               per_example=True)
 
         return eval_step
 
     def _scores(self, job: Job, params) -> tuple[float, list, float]:
-        """(exact match, samples, answer loss) of `params` on the held-out problems."""
+        """(exact match, samples, answer loss) of `params` on the held-out problems; each sample
+        also carries its own answer loss."""
         d = job.data
         acc, samples = exact_match(job.setup.model, params, job.setup.tokenizer, d.eval_probs, d.prompts, **d.gen)
-        return acc, samples, heldout_loss(job.eval_step, params, d.evald, job.args.eval_batch_size, job.par.eval_batch)
+        loss, each = heldout_loss(job.eval_step, params, d.evald, job.args.eval_batch_size, job.par.eval_batch)
+        for s, x in zip(samples, each):
+            s["answer_loss"] = float(x)
+        return acc, samples, loss
 
     def evaluate(self, job: Job, tr) -> dict:
         acc, samples, loss = self._scores(job, merged(tr, job.setup.frozen, job.setup.quantized))
@@ -289,7 +324,8 @@ class LM(Task):
         if d.val_probs:
             params = merged(result.tr, setup.frozen, setup.quantized)
             acc, _ = exact_match(setup.model, params, setup.tokenizer, d.val_probs, d.val_prompts, **d.gen)
-            fields.update(val_acc=acc, val_examples=len(d.val_probs))
+            loss, _ = heldout_loss(job.eval_step, params, d.vald, args.eval_batch_size, job.par.eval_batch)
+            fields.update(val_acc=acc, val_loss=loss, val_examples=len(d.val_probs))
         with open(job.run_dir / "samples.jsonl", "w") as f:
             for i, s in enumerate(d.samples):
                 rec = dict(s)

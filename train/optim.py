@@ -17,14 +17,18 @@ def make_schedule(args):
     return optax.warmup_cosine_decay_schedule(0.0, args.lr, warm, max(args.steps, warm + 1), end_value=0.0)
 
 
-def make_optimizer(method: str, schedule, weight_decay: float, compute_dtype=None):
+def make_optimizer(method: str, schedule, weight_decay: float, compute_dtype=None, clip_norm: float = 0.0):
     """The method's optimizer: AdamW for ``full``/``probe``/``lora``; ``lora-pro`` chains
     `lora_jax.lora_pro` before AdamW; ``lora-pro-adamw`` is `lora_jax.lora_pro_adamw` (non-LoRA
     leaves get AdamW inside it). `compute_dtype` is LoRA-Pro's (float32 by default; float64 for a
-    float64 model, so that nothing in the step rounds to float32)."""
+    float64 model, so that nothing in the step rounds to float32). ``clip_norm > 0`` puts
+    `optax.clip_by_global_norm` first: LoRA-Pro then adjusts the clipped LoRA gradients, which for
+    the efficient mode equals clipping the adjusted ones by the raw gradients' norm (the
+    adjustment is linear), as the reference does."""
     if method == "lora-pro-adamw":
-        return lora_jax.lora_pro_adamw(schedule, weight_decay=weight_decay, compute_dtype=compute_dtype)
-    adamw = optax.adamw(schedule, weight_decay=weight_decay)
-    if method == "lora-pro":
-        return optax.chain(lora_jax.lora_pro(compute_dtype=compute_dtype), adamw)
-    return adamw
+        tx = lora_jax.lora_pro_adamw(schedule, weight_decay=weight_decay, compute_dtype=compute_dtype)
+    else:
+        tx = optax.adamw(schedule, weight_decay=weight_decay)
+        if method == "lora-pro":
+            tx = optax.chain(lora_jax.lora_pro(compute_dtype=compute_dtype), tx)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm > 0 else tx

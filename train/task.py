@@ -117,7 +117,8 @@ def build_setup(args, par: parallel.Parallel | None, model, params, *, forward, 
     base, trainable, frozen = _halves(args, par, params, forward=forward, example=example,
                                       default_targets=default_targets, head=head, **apply_kw)
     schedule = make_schedule(args)
-    optimizer = make_optimizer(args.method, schedule, args.weight_decay, compute_dtype=compute_dtype)
+    optimizer = make_optimizer(args.method, schedule, args.weight_decay, compute_dtype=compute_dtype,
+                               clip_norm=args.clip_norm)
     return cls(model, base, trainable, frozen, optimizer, schedule, num_params, count(trainable), model_bytes,
                **(extra or {}))
 
