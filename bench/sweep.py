@@ -3,10 +3,8 @@ skipped when its ``summary.json`` exists, and the tables are read back from the 
 
     python -m bench.sweep classify                # MiniLM on movie reviews: 5 methods x 3 seeds, then the report
     python -m bench.sweep classify --report-only  # the report from finished runs
-    python -m bench.sweep lm                      # SmolLM2 on train.arith: lr sweep, seeds, 4-bit/float32 pair
-    python -m bench.sweep lm --summarise          # its tables, from the run directories
-    python -m bench.sweep lm --samples 5          # held-out replies where base / LoRA / LoRA-Pro differ
-    python -m bench.sweep lm --timing-rounds 6    # 4-bit vs float32 base step time, interleaved
+    python -m bench.sweep lm --timing-rounds 6    # SmolLM2: 4-bit vs float32 base step time, interleaved
+    python -m bench.lm_sweep                      # SmolLM2 on train.arith: full FT, LoRA, both LoRA-Pro modes
 
 ``classify``: methods at equal steps and batch size (everything else as `train.classify`'s
 defaults): frozen-encoder linear probe, full fine-tuning, LoRA (r=8, alpha=16, attention and FFN
@@ -31,20 +29,10 @@ The report replaces the "## Fine-tuning MiniLM on movie reviews" section of benc
 that section; the file is re-read right before writing), writes the loss plot to
 bench/results/train_loss.png and the per-run summaries to bench/results/train_results.jsonl.
 
-``lm``: base model vs LoRA vs LoRA-Pro on SmolLM2-135M-Instruct, with the same steps and
-learning-rate sweep for each method, then seeds at each method's best lr, into ``--out`` (default
-``runs/lm-sweep``), in order:
-
-1. ``timing-q4`` and ``timing-f32``: LoRA, ``--timing-steps`` steps on the 4-bit and on the float32
-   base, back to back (``sec_per_step``, ``frozen_param_bytes``, ``step_memory_bytes``);
-2. the lr sweep on seed 0: ``<method>-lr<lr>-s0`` for each method and each of ``--lrs``; the first
-   one also evaluates the base model (``--eval-base``: it does not depend on the seed or method);
-3. each method's best lr, chosen on ``val_acc`` (exact match on ``--val-limit`` training-split
-   problems that no run trains on, not the held-out set; ties: lower final training loss), then
-   seeds ``--seeds`` (besides 0) at it.
-
-Held-out exact match (``eval_acc``, ``--eval-limit`` problems of the test split) is reported as mean
-± sample std over the seeds at the chosen lr.
+``lm --timing-rounds``: `train.lm`'s LoRA train step on SmolLM2-135M-Instruct with the base kept
+4-bit (QLoRA) and dequantized to float32, in one process, interleaved. The method comparison on
+SmolLM2 (which replaced this module's first two-method LoRA / LoRA-Pro sweep, still at commit
+84cc3ec) is `bench.lm_sweep`.
 """
 
 from __future__ import annotations
@@ -52,10 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -63,86 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from support.runs import read_jsonl, load_runs, mean_std, train_run, write_section
 from support.timing import interleave
 from train import arith, lm, loop
 from train.metrics import nbytes, plot_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-
-# ------------------------------------------------------------------------------------------------
-# runs: one trainer process each, read back from their summary.json
-
-
-def train_run(task: str, out: Path, name: str, args: list[str], dry: bool = False,
-              resume: bool = False) -> dict | None:
-    """One ``python -m train.<task>`` run named `name` under `out` (skipped when its summary.json
-    exists; `resume`: continued from its checkpoint, else started afresh); returns its summary
-    (None when it failed or `dry`), with ``run_wall_s`` added for a run made here (a resumed run:
-    this process's part)."""
-    summary = out / name / "summary.json"
-    if summary.is_file():
-        print(f"[{name}] done already", flush=True)
-        return json.loads(summary.read_text())
-    cmd = [sys.executable, "-m", f"train.{task}", "--out", str(out), "--name", name,
-           "--resume" if resume else "--overwrite", *args]
-    print(f"[{name}] {time.strftime('%H:%M:%S')} {' '.join(cmd[1:])}", flush=True)
-    if dry:
-        return None
-    t0 = time.time()
-    rc = subprocess.run(cmd, cwd=ROOT).returncode
-    wall = time.time() - t0
-    print(f"[{name}] exit {rc} after {wall:.0f} s", flush=True)
-    if rc != 0 or not summary.is_file():
-        return None
-    s = json.loads(summary.read_text())
-    s["run_wall_s"] = wall
-    summary.write_text(json.dumps(s, indent=1))
-    return s
-
-
-def load_runs(out: Path) -> list[dict]:
-    """Every run's summary under `out`, with its directory name as ``name``."""
-    runs = []
-    for f in sorted(Path(out).glob("*/summary.json")):
-        s = json.loads(f.read_text())
-        s["name"] = f.parent.name
-        runs.append(s)
-    return runs
-
-
-def mean_std(xs, fmt: str = "{:.4f}") -> str:
-    """``mean ± sample std`` of the values that are not None ("n/a" if none; one value alone)."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return fmt.format(xs[0])
-    return f"{fmt.format(np.mean(xs))} ± {fmt.format(np.std(xs, ddof=1))}"
-
-
-def write_section(path: Path, section: str, text: str) -> None:
-    """Replace (or append) the section headed `section` of a Markdown file, leaving every other
-    section as it is."""
-    old = path.read_text() if path.is_file() else "# Results\n"
-    start = old.find(section)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        m = re.compile(r"^## ", re.M).search(old, start + len(section))
-        end = m.start() if m else len(old)
-        tail = old[end:]
-        new = old[:start] + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
 
 # ------------------------------------------------------------------------------------------------
 # classify: MiniLM on the movie-review sentences
@@ -217,7 +128,7 @@ def classify_report(a) -> str:
     if plot_runs(out, RESULTS / "train_loss.png") is not None:
         lines += ["Loss curves (moving average of 20 steps, every run): `bench/results/train_loss.png`; per-run "
                   "summaries: `bench/results/train_results.jsonl`.", ""]
-    sup = _read_jsonl(out / "superseded.jsonl")
+    sup = read_jsonl(out / "superseded.jsonl")
     if sup:
         lines += ["Superseded runs (another learning rate, not in the table): " + "; ".join(
             f"{r['method']} lr {r['lr']:g} seed {r['seed']}: eval acc {r['eval_acc']:.3f}, fixed-subset train loss "
@@ -274,140 +185,8 @@ def _probe_lines(by) -> list[str]:
 # lm: SmolLM2-135M-Instruct on train.arith
 
 
-LM_METHODS = ("lora", "lora-pro")
-
-
-def run_name(method: str, lr: float, seed: int) -> str:
-    return f"{method}-lr{lr:g}-s{seed}"
-
-
-def best_lr(runs: dict[float, dict]) -> float:
-    """The lr with the highest val_acc (ties: the lower training loss of the last 10% of steps)."""
-    return max(runs, key=lambda lr: (runs[lr]["val_acc"], -runs[lr]["train_loss_last10pct"]))
-
-
-def lm_sweep(a) -> None:
-    out = Path(a.out)
-    common = ["--model", a.model, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-              "--eval-limit", str(a.eval_limit), "--eval-every", "100000", "--ckpt-every", "0",
-              "--quiet", "--no-plot"]
-    if a.timing_steps:
-        for base in ("q4", "f32"):
-            train_run("lm", out, f"timing-{base}",
-                      ["--model", a.model, "--method", "lora", "--base", base, "--steps", str(a.timing_steps),
-                       "--batch-size", str(a.batch_size), "--lr", "1e-3", "--eval-limit", "16",
-                       "--eval-every", "100000", "--ckpt-every", "0", "--quiet", "--no-plot"], a.dry_run)
-    chosen = {}
-    first = True
-    for method in a.methods:
-        runs = {}
-        for lr in a.lrs:
-            s = train_run("lm", out, run_name(method, lr, 0),
-                          [*common, "--method", method, "--lr", str(lr), "--seed", "0", "--val-limit",
-                           str(a.val_limit), *(["--eval-base"] if first else [])], a.dry_run)
-            first = False
-            if s is not None:
-                runs[lr] = s
-        if runs:
-            chosen[method] = best_lr(runs)
-            accs = ", ".join(f"{lr:g}: {r['val_acc']:.3f}" for lr, r in runs.items())
-            print(f"[{method}] best lr on val_acc: {chosen[method]:g} ({accs})", flush=True)
-    for method, lr in chosen.items():
-        for seed in a.seeds:
-            if seed != 0:
-                train_run("lm", out, run_name(method, lr, seed),
-                          [*common, "--method", method, "--lr", str(lr), "--seed", str(seed),
-                           "--val-limit", str(a.val_limit)], a.dry_run)
-
-
 def _mib(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def lm_summarise(out: Path) -> None:
-    runs = load_runs(out)
-    sweep_runs = [r for r in runs if not r["name"].startswith("timing-")]
-    if not sweep_runs:
-        print(f"no runs under {out}")
-        return
-    r0 = sweep_runs[0]
-    base = [r for r in sweep_runs if r.get("base_eval_acc") is not None]
-    print(f"SmolLM2-135M-Instruct on train.arith: {r0['steps']} steps x batch {r0.get('batch_size', '?')}, "
-          f"{r0['eval_examples']} held-out problems, {r0.get('val_examples', 0)} validation problems")
-    if base:
-        b = base[0]
-        print(f"base model: held-out exact match {b['base_eval_acc']:.3f}, answer loss {b['base_eval_loss']:.4f}")
-    print("\nper run (seed 0 rows are the lr sweep):")
-    print(f"{'method':10s} {'lr':>7s} {'seed':>4s} {'val_acc':>7s} {'eval_acc':>8s} {'eval_loss':>9s} "
-          f"{'train_loss':>10s} {'s/step':>6s}")
-    for r in sorted(sweep_runs, key=lambda r: (r["method"], r["seed"], r["lr"])):
-        print(f"{r['method']:10s} {r['lr']:7.0e} {r['seed']:4d} {r.get('val_acc', float('nan')):7.3f} "
-              f"{r['eval_acc']:8.3f} {r['eval_loss']:9.4f} {r['train_loss_last10pct']:10.4f} "
-              f"{r['sec_per_step']:6.2f}")
-    print("\nat each method's lr chosen on val_acc (seed 0):")
-    for method in sorted({r["method"] for r in sweep_runs}):
-        s0 = {r["lr"]: r for r in sweep_runs if r["method"] == method and r["seed"] == 0 and "val_acc" in r}
-        if not s0:
-            continue
-        lr = best_lr(s0)
-        at_lr = [r for r in sweep_runs if r["method"] == method and r["lr"] == lr]
-        accs = [r["eval_acc"] for r in at_lr]
-        seeds = sorted(r["seed"] for r in at_lr)
-        print(f"  {method:10s} lr {lr:g}: held-out exact match {mean_std(accs, '{:.3f}')} "
-              f"(seeds {seeds}: {', '.join(f'{x:.3f}' for x in accs)})")
-    timing = {r["name"]: r for r in runs if r["name"].startswith("timing-")}
-    if timing:
-        _timing_pair(timing)
-
-
-def _timing_pair(timing: dict) -> None:
-    print("\nbase weights (LoRA, batch 4; memory_analysis of the compiled train step; one short run each, "
-          "not interleaved: for step time see --timing-rounds):")
-    for name in ("timing-q4", "timing-f32"):
-        if name in timing:
-            r, m = timing[name], timing[name].get("step_memory_bytes") or {}
-            print(f"  {r['base']:3s}: {r['sec_per_step']:.2f} s/step (median of {r['steps']}), frozen base "
-                  f"{_mib(r['frozen_param_bytes'])}, step arguments {_mib(m.get('argument'))}, "
-                  f"temp {_mib(m.get('temp'))}, output {_mib(m.get('output'))}")
-    if len(timing) == 2:
-        q, f = timing["timing-q4"], timing["timing-f32"]
-        mq, mf = q["step_memory_bytes"], f["step_memory_bytes"]
-        print(f"  q4/f32: frozen base {q['frozen_param_bytes'] / f['frozen_param_bytes']:.3f}, "
-              f"arguments {mq['argument'] / mf['argument']:.3f}, temp {mq['temp'] / mf['temp']:.3f}, "
-              f"step time {q['sec_per_step'] / f['sec_per_step']:.2f}")
-
-
-def lm_samples(out: Path, n: int) -> None:
-    """Held-out problems where LoRA and LoRA-Pro (seed 0, chosen lr) disagree (each side's wins in
-    turn), then where both fixed a base-model error, with the three replies."""
-    runs = [r for r in load_runs(out) if not r["name"].startswith("timing-")]
-    base_run = next((r for r in runs if r.get("base_eval_acc") is not None), None)
-    if base_run is None:
-        print("no run evaluated the base model")
-        return
-    read = lambda r: _read_jsonl(Path(r["run_dir"]) / "samples.jsonl")  # noqa: E731
-    base = {s["question"]: s for s in read(base_run)}
-    per = {}
-    for method in LM_METHODS:
-        s0 = {r["lr"]: r for r in runs if r["method"] == method and r["seed"] == 0 and "val_acc" in r}
-        if s0:
-            per[method] = {s["question"]: s for s in read(s0[best_lr(s0)])}
-    if len(per) < 2:
-        print("need seed-0 runs of both methods")
-        return
-    qs = list(base)
-    wins = {m: [q for q in qs if per[m][q]["correct"] and not per[o][q]["correct"]]
-            for m, o in (("lora", "lora-pro"), ("lora-pro", "lora"))}
-    turns = [q for pair in zip(wins["lora-pro"] + [None] * len(qs), wins["lora"] + [None] * len(qs))
-             for q in pair if q is not None]
-    order = turns + [q for q in qs if not base[q]["base_correct"] and per["lora"][q]["correct"]
-                     and per["lora-pro"][q]["correct"]]
-    for q in list(dict.fromkeys(order))[:n]:
-        print(f"Q: {q}   (answer {base[q]['answer']})")
-        print(f"  base      [{'right' if base[q]['base_correct'] else 'wrong'}] {base[q]['base_reply']!r}")
-        for m in LM_METHODS:
-            s = per[m][q]
-            print(f"  {m:9s} [{'right' if s['correct'] else 'wrong'}] {s['reply']!r}")
 
 
 def lm_timing(model: str, rounds: int, batch_size: int, method: str = "lora") -> None:
@@ -475,22 +254,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--out", default=str(ROOT / "runs" / "train_results"))
     c.add_argument("--report-only", action="store_true")
     c.add_argument("--dry-run", action="store_true", help="print the commands only")
-    m = sub.add_parser("lm", help="SmolLM2-135M-Instruct on train.arith: base vs LoRA vs LoRA-Pro")
-    m.add_argument("--out", default="runs/lm-sweep")
+    m = sub.add_parser("lm", help="SmolLM2-135M-Instruct: 4-bit vs float32 base train step, interleaved "
+                                  "(the method comparison is python -m bench.lm_sweep)")
     m.add_argument("--model", default="smollm2")
-    m.add_argument("--methods", nargs="+", default=list(LM_METHODS), choices=LM_METHODS)
-    m.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 2e-3])
-    m.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    m.add_argument("--steps", type=int, default=80)
     m.add_argument("--batch-size", type=int, default=4)
-    m.add_argument("--eval-limit", type=int, default=100)
-    m.add_argument("--val-limit", type=int, default=50)
-    m.add_argument("--timing-steps", type=int, default=8, help="0: no 4-bit/float32 timing pair")
-    m.add_argument("--dry-run", action="store_true", help="print the commands only")
-    m.add_argument("--summarise", action="store_true")
-    m.add_argument("--samples", type=int, default=0)
-    m.add_argument("--timing-rounds", type=int, default=0,
-                   help="only time the 4-bit vs float32 base train step, interleaved in one process")
+    m.add_argument("--timing-rounds", type=int, default=6, help="timed steps per base: 2 x this")
     return ap.parse_args(argv)
 
 
@@ -502,17 +270,7 @@ def main(argv=None) -> int:
         if not a.dry_run:
             print(classify_report(a))
         return 0
-    if a.timing_rounds:
-        lm_timing(a.model, a.timing_rounds, a.batch_size)
-        return 0
-    if a.summarise or a.samples:
-        if a.summarise:
-            lm_summarise(Path(a.out))
-        if a.samples:
-            lm_samples(Path(a.out), a.samples)
-        return 0
-    lm_sweep(a)
-    lm_summarise(Path(a.out))
+    lm_timing(a.model, a.timing_rounds, a.batch_size)
     return 0
 
 

@@ -144,6 +144,35 @@ def test_answer_loss_ignores_the_prompt(tiny_gguf):
     assert float(lm.answer_loss(logits, dict(batch, input_ids=jnp.asarray(ids)))[0]) != float(base)
 
 
+def test_heldout_loss_per_example_matches_each_problem_alone(tiny_gguf):
+    """`heldout_loss` over 5 problems in batches of 2 (the last one padded): each problem's own mean
+    equals that problem scored alone, and the overall mean is the token-weighted one."""
+    import jax
+    import jax.numpy as jnp
+
+    from train import llama, lm
+
+    config, params = llama.load(tiny_gguf)
+    tok = llama.load_tokenizer(tiny_gguf)
+    model = llama.Llama(config)
+    d = arith.encode(tok, arith.problems("test", 5))
+
+    @jax.jit
+    def eval_step(p, batch):
+        return lm.answer_loss(model.apply({"params": p}, batch["input_ids"], batch["attention_mask"]), batch,
+                              per_example=True)
+
+    mean, each = lm.heldout_loss(eval_step, params, d, batch_size=2)
+    assert each.shape == (5,)
+    alone = []
+    for i in range(5):
+        row = {k: jnp.asarray(d[k][i:i + 1]) for k in ("input_ids", "attention_mask", "loss_mask")}
+        t, c = lm.answer_loss(model.apply({"params": params}, row["input_ids"], row["attention_mask"]), row)
+        alone.append((float(t), float(c)))
+    np.testing.assert_allclose(each, [t / c for t, c in alone], rtol=2e-5)
+    np.testing.assert_allclose(mean, sum(t for t, _ in alone) / sum(c for _, c in alone), rtol=2e-5)
+
+
 STEPS = 6
 
 
@@ -162,7 +191,7 @@ def test_lm_trains(tiny_gguf, tmp_path, method):
     from train import lm
     from train.loop import read_metrics
 
-    s = lm.main(_args(tiny_gguf, tmp_path, "--eval-base", method=method))
+    s = lm.main(_args(tiny_gguf, tmp_path, "--eval-base", "--val-limit", "3", method=method))
     run = Path(s["run_dir"])
     recs = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
@@ -170,9 +199,14 @@ def test_lm_trains(tiny_gguf, tmp_path, method):
     losses = [r["loss"] for r in recs]
     assert all(np.isfinite(losses)) and min(losses[2:]) < losses[0]  # it learns (lr 1e-2)
     assert 0 <= s["eval_acc"] <= 1 and 0 <= s["base_eval_acc"] <= 1
+    assert 0 <= s["val_acc"] <= 1 and np.isfinite(s["val_loss"]) and s["val_examples"] == 3
     assert s["eval_loss"] < s["base_eval_loss"]
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and all({"reply", "parsed", "correct", "base_reply"} <= set(x) for x in samples)
+    assert len(samples) == 4 and all({"reply", "parsed", "correct", "base_reply", "answer_loss"} <= set(x)
+                                     for x in samples)
+    # the per-problem losses are the held-out loss's parts (token-weighted there, so only bracketed)
+    each = [x["answer_loss"] for x in samples]
+    assert min(each) - 1e-6 <= s["eval_loss"] <= max(each) + 1e-6
     if method != "full":
         assert s["trainable_params"] < 0.25 * s["total_params"]
     if method in ("lora", "lora-pro"):  # lora-pro-adamw keeps full-shape Adam moments per adapted weight
@@ -217,6 +251,7 @@ def test_unknown_model_lists_choices(tmp_path):
     ("--batch-size", "0", ">= 1"), ("--eval-limit", "0", ">= 1"), ("--train-limit", "-3", ">= 1"),
     ("--max-len", "0", ">= 1"), ("--max-new-tokens", "0", ">= 1"), ("--data-seed", "-1", ">= 0"),
     ("--warmup-ratio", "2", r"in \[0, 1\]"), ("--ckpt-every", "-1", ">= 0"),
+    ("--clip-norm", "-1", r">= 0 \(0: no clipping\)"), ("--clip-norm", "inf", r">= 0 \(0: no clipping\)"),
 ])
 def test_bad_numeric_flags_are_refused_before_anything_loads(flag, value, rule, monkeypatch):
     from train import lm

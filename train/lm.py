@@ -32,7 +32,7 @@ what this trainer follows and where it differs:
   multiplies vanish), but no 1e8-sized factors on null directions. (3) The base model here is
   float32 (dequantized from the GGUF), not bf16; SmolLM2-135M, not Llama-2-7B; the arithmetic
   problems of `train.arith`, not MetaMathQA/GSM8K; batch and steps are sized for 2 CPU cores
-  (`bench.sweep lm`).
+  (`bench.lm_sweep`).
 
 Data: the first ``--train-limit`` training problems of `train.arith` (stream seed ``--data-seed``,
 fixed across training seeds) in ChatML through the model's chat template, the loss (token mean)
