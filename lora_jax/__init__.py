@@ -9,7 +9,7 @@ Modules, lowest layer first (each imports only modules listed before it):
 * `product` — the factored product and its hand-written VJP;
 * `rules` — the quax rules; `wrapping` — `wrap`;
 * `paths`, `sharding`, `layout`, `adapt`, `tree` — tree operations (`layout_of`, `apply`,
-  `split`/`combine`/`merge`);
+  `lora_ga_init`, `split`/`combine`/`merge`);
 * `gram` — the r×r Gram algebra, eigendecompositions in groups;
 * `projection` — LoRA-Pro's matrix math; `preconditioning` — the Riemannian matrix math;
 * `factor_pairs` — how the optimizers find adapter pairs and put results back;
@@ -18,7 +18,7 @@ Modules, lowest layer first (each imports only modules listed before it):
 """
 
 # Adapting a parameter tree
-from lora_jax.adapt import apply, default_roles, output_heads
+from lora_jax.adapt import apply, default_roles, lora_ga_init, output_heads
 from lora_jax.layout import layout_of
 from lora_jax.node import LoRA, is_lora
 from lora_jax.tree import combine, merge, split
@@ -56,6 +56,7 @@ __all__ = [
     "is_lora",
     "is_quantized",
     "layout_of",
+    "lora_ga_init",
     "lora_pro",
     "lora_pro_adamw",
     "loraplus",

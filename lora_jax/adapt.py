@@ -1,4 +1,5 @@
-"""`apply`: turn targeted kernels of a parameter tree into `LoRA` nodes."""
+"""`apply`: turn targeted kernels of a parameter tree into `LoRA` nodes; `lora_ga_init`: the same
+with LoRA-GA's gradient-based init."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from lora_jax.quant import quantize as _quantize
 from lora_jax.sharding import array_sharding, factor_shardings
 
 INITS = ("lora", "gaussian", "pissa", "olora")
+LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 _EMBEDDING = re.compile(r"(?i)(embed|embedding|wte|wpe)")
 _NOT_KERNEL = re.compile(r"(?i)(bias|scale|norm)")
@@ -74,18 +77,22 @@ def _roles(path: str, shape, layout) -> str | None:
         return None
 
 
-def _rank(path: str, shape, roles: str, rank, rank_pattern) -> int:
+def _rank(path: str, shape, roles: str, rank, rank_pattern, per_rank: int = 1) -> int:
     """The rank for `path`: its `rank_pattern` entry (which must fit), else `rank` capped at
-    min(in, out)."""
+    min(in, out) // per_rank (LoRA-GA takes 2r singular vectors of the gradient: per_rank 2)."""
     explicit = lookup_pattern(rank_pattern, path, None)
     r = rank if explicit is None else explicit
     fan_in, fan_out = fan_in_out(shape, roles)
+    limit = min(fan_in, fan_out) // per_rank
     valid = isinstance(r, (int, np.integer)) and 0 < r
-    if valid and explicit is None:  # the global rank adapts to small kernels
-        return int(min(r, fan_in, fan_out))
-    if not valid or r > min(fan_in, fan_out):
-        raise ValueError(f"rank {r!r} for {path!r} must be an int in [1, min(in, out)] = "
-                         f"[1, {min(fan_in, fan_out)}] (kernel {tuple(shape)}, roles {roles!r})")
+    if valid and explicit is None and limit >= 1:  # the global rank adapts to small kernels
+        return int(min(r, limit))
+    if not valid or r > limit:
+        bound = "min(in, out)" if per_rank == 1 else f"min(in, out) // {per_rank}"
+        why = "" if per_rank == 1 else (f"; LoRA-GA takes {per_rank}r singular vectors of the "
+                                        "gradient (exclude kernels too small for it)")
+        raise ValueError(f"rank {r!r} for {path!r} must be an int in [1, {bound}] = "
+                         f"[1, {limit}] (kernel {tuple(shape)}, roles {roles!r}){why}")
     return int(r)
 
 
@@ -169,17 +176,165 @@ def apply(
     float rounding for "pissa"/"olora" (their residual is computed in float32 and cast to `w`'s dtype).
     """
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS} (LoRA-GA, which needs "
+                         f"gradients: lora_jax.lora_ga_init)")
+    return _adapt(params, rank, alpha=alpha, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
+                  alpha_pattern=alpha_pattern, layout=layout, rslora=rslora, init=init, dropout=dropout,
+                  adapter_dtype=adapter_dtype, quantize=quantize, key=key)
+
+
+def lora_ga_init(
+    params,
+    grads,
+    rank: int = 8,
+    *,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16,
+    alpha: float | None = None,
+    targets: Selector = None,
+    exclude: Selector = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    layout: dict[str, str] | None = None,
+    rslora: bool = False,
+    dropout: float = 0.0,
+    adapter_dtype=jnp.float32,
+    quantize: str | None = None,
+    key: jax.Array | None = None,
+):
+    """`apply` with LoRA-GA's init (Wang et al. 2024, arXiv 2407.05000), as Hugging Face PEFT
+    implements it (``init_lora_weights="lora_ga"``, `LoraGAConfig`, ``LoraLayer.lora_ga_init``).
+
+    A function of its own rather than ``apply(..., init="lora-ga", grads=...)``: the gradients are
+    a required input here (PEFT's `preprocess_loraga` step), and `direction`, `scale` and
+    `stable_gamma` mean nothing to the other inits, so `apply` keeps only arguments every init
+    uses. Every `apply` argument works the same here (targets, exclude, rank_pattern,
+    alpha_pattern, layout, rslora, dropout, adapter_dtype, quantize, key, sharded kernels, leading
+    batch axes), since both run the same code but for the factors' init.
+
+    Args:
+      params: the parameter tree, as for `apply`.
+      grads: the loss gradient with respect to `params`, found by path: a tree with the same paths
+        (``jax.grad(loss)(params, batch)``, averaged over a few batches: PEFT's
+        `preprocess_loraga` divides the accumulated ``weight.grad`` by the number of backward
+        passes); leaves for untargeted parameters are ignored. A targeted kernel without a float
+        gradient of its own shape is a ValueError naming each one.
+      rank: r. LoRA-GA takes 2r singular vectors, so the global rank is capped at
+        ``min(in, out) // 2`` (one UserWarning lists the capped kernels, as `apply` does at
+        min(in, out)); a `rank_pattern` entry above that, or a kernel with ``min(in, out) < 2``,
+        is a ValueError (PEFT fails there on a shape mismatch).
+      direction: "ArB2r" (default), "A2rBr", "ArBr" or "random", PEFT's `LoraGAConfig.direction`.
+      scale: "stable" (default), "weight_svd", "gd_scale" or "unit": PEFT's `LoraGAConfig.scale`
+        (how the factors are scaled; not the LoRA scale ``s = alpha / r``).
+      stable_gamma: γ of the "stable" scale (PEFT's default 16).
+      key: PRNG key of the "random" direction (one per kernel, as `apply`'s).
+
+    The math, in this library's orientation (kernel K (I, O) = Wᵀ, gradient G = ∂L/∂K = G_Wᵀ; per
+    element of the leading batch axes, e.g. each layer of a scan-stacked kernel, its own SVD).
+    With ``G = P diag(σ) Qᵀ`` (σ descending; PEFT's ``G_W = U diag(S) Vh`` is the same with
+    U = Q, Vh = Pᵀ), a takes left and b right singular vectors, b with their singular values:
+
+        a = P[:, i_a]      b = diag(σ[i_b]) Q[:, i_b]ᵀ
+        (PEFT: A = Vh[i_a] = aᵀ, B = U[:, i_b] diag(σ[i_b]) = bᵀ)
+
+    with 0-based index sets i_a, i_b: "ArB2r": 0..r-1, r..2r-1; "A2rBr": r..2r-1, 0..r-1;
+    "ArBr": 1, 3, …, 2r-1 and 0, 2, …, 2r-2; "random": i_a = i_b = the first r of a random
+    permutation of 0..2r-1. Then, with σ_B = σ[i_b] and O the product of the output axes:
+
+        "stable":     b ← b · O^(1/4) / √γ
+        "weight_svd": b ← b · σ₁(K) / σ_B[0]   (unchanged where σ_B[0] = 0)
+        "gd_scale":   a ← a / s,  b ← b / s
+        "unit":       unchanged
+
+    and the base weight is offset so that the adapted model starts at the base model:
+    ``w ← w − s·a@b`` in float32, from a and b as stored (cast to `adapter_dtype`), then cast to
+    `w`'s dtype (exact up to that rounding, as for "pissa"); `quantize` quantizes that residual.
+
+    Where this differs from PEFT:
+      * the SVD is exact (``jnp.linalg.svd``), where PEFT uses ``torch.svd_lowrank(G_W,
+        q=min(4r, min(shape)), niter=4)``, a randomized approximation of it (also for σ₁(W) in
+        "weight_svd"). The sign of each singular pair is the solver's; since a and b take vectors
+        of different indices (except "random"), a@b depends on it, in PEFT too.
+      * O is the kernel's output size; PEFT's ``weight.shape[0]``, which is the input size for a
+        ``fan_in_fan_out`` (GPT-2 Conv1D) layer.
+      * a and b are stored in `adapter_dtype` (float32), PEFT's in the base weight's dtype.
+      * "random" draws from `key` (per kernel, per batch element), PEFT from torch's global RNG.
+      * PEFT falls back to the default LoRA init where a layer has no gradient; this raises.
+      * PEFT's LoRA-GA takes nn.Linear and Conv1D layers only; here any kernel with roles (a
+        DenseGeneral, a conv) works on its matrix form (I, O).
+    Where PEFT differs from the paper and the authors' code (Outsider565/LoRA-GA), this follows
+    PEFT: there b holds no singular values (B = U[:, i_b]), "stable" multiplies both A and B by
+    d_out^(1/4)/√γ, "random" takes disjoint halves of the permutation for A and B, and the
+    scales are named "gd" and "weightS" (the latter a different rule: both factors times the mean
+    of √σ_i(W)/s over the top r).
+    """
+    if direction not in LORA_GA_DIRECTIONS:
+        raise ValueError(f"unknown LoRA-GA direction {direction!r}; choose one of {LORA_GA_DIRECTIONS}")
+    if scale not in LORA_GA_SCALES:
+        raise ValueError(f"unknown LoRA-GA scale {scale!r}; choose one of {LORA_GA_SCALES}")
+    if scale == "stable" and not stable_gamma > 0:
+        raise ValueError(f"stable_gamma must be > 0, got {stable_gamma!r}")
+    return _adapt(params, rank, alpha=alpha, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
+                  alpha_pattern=alpha_pattern, layout=layout, rslora=rslora, init="lora-ga",
+                  dropout=dropout, adapter_dtype=adapter_dtype, quantize=quantize, key=key,
+                  grads=grads, lora_ga=_LoraGA(direction, scale, float(stable_gamma)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoraGA:
+    """LoRA-GA's options (static: they pick code paths), the gradients travel separately."""
+
+    direction: str
+    scale: str
+    stable_gamma: float
+
+
+def _adapt(params, rank, *, alpha, targets, exclude, rank_pattern, alpha_pattern, layout, rslora,
+           init, dropout, adapter_dtype, quantize, key, grads=None, lora_ga=None):
+    """`apply` and `lora_ga_init`: select, check, init each targeted kernel."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    explicit = targets is not None
-    if explicit:
+    key = jax.random.key(0) if key is None else key
+    leaves, treedef, chosen, roles_of = _select(params, targets, exclude, layout)
+    grad_of = {} if lora_ga is None else _gradients_for(grads, leaves, chosen)
+    per_rank = 1 if lora_ga is None else 2
+
+    out = [leaf for _, leaf in leaves]
+    capped = []
+    for i in chosen:
+        path, w = leaves[i]
+        roles = _check_roles(roles_of[i], w.shape, path)
+        r = _rank(path, w.shape, roles, rank, rank_pattern, per_rank)
+        if r < rank and lookup_pattern(rank_pattern, path, None) is None:
+            capped.append(f"{path} {tuple(w.shape)} -> r={r}")
+        a_alpha = lookup_pattern(alpha_pattern, path, r if alpha is None else alpha)
+        scale = float(a_alpha) / (math.sqrt(r) if rslora else r)
+        if is_quantized(w) and init not in ("lora", "gaussian"):
+            raise ValueError(f"init {init!r} needs a float kernel, but {path!r} is quantized: "
+                             "quantize after it (apply(..., quantize=...)) or use init 'lora'")
+        node = _init_node(w, roles, int(r), scale, init, dropout, adapter_dtype,
+                          jax.random.fold_in(key, i), grad_of.get(i), lora_ga)
+        if quantize is not None and not is_quantized(node.w):
+            node = dataclasses.replace(node, w=_quantize(node.w, quantize))
+        out[i] = node
+    if capped:
+        what = ("min(in, out) of {n} kernel(s), which get a full-rank adapter of rank min(in, out)"
+                if per_rank == 1 else "min(in, out) // 2 of {n} kernel(s) (LoRA-GA takes 2r singular "
+                "vectors), which get an adapter of rank min(in, out) // 2")
+        warnings.warn(f"rank {rank} exceeds {what.format(n=len(capped))} instead (scale = alpha/r "
+                      f"with that r): {'; '.join(capped)}", UserWarning, stacklevel=3)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _select(params, targets, exclude, layout):
+    """Flattened `params`, the indices of the targeted leaves, and their roles (checked)."""
+    if targets is not None:
         select = compile_selector(targets, "targets")
     else:
         heads = set(output_heads(params))
         select = lambda path, leaf: _default_target(path, leaf) and path not in heads
     drop = compile_selector(exclude, "exclude")
-    key = jax.random.key(0) if key is None else key
 
     leaves, treedef = flatten_with_paths(params, is_leaf=lambda x: is_lora(x) or is_quantized(x))
     already = [p for p, leaf in leaves if is_lora(leaf)]
@@ -202,30 +357,31 @@ def apply(
     ambiguous = [f"{leaves[i][0]!r} {tuple(leaves[i][1].shape)}" for i, r in roles_of.items() if r is None]
     if ambiguous:
         raise ValueError(_ambiguous_message(ambiguous))
+    return leaves, treedef, chosen, roles_of
 
-    out = [leaf for _, leaf in leaves]
-    capped = []
+
+def _gradients_for(grads, leaves, chosen):
+    """{leaf index: gradient} for the targeted kernels, found in `grads` by path; one ValueError
+    naming every targeted kernel whose gradient is missing or has the wrong shape."""
+    found = dict(flatten_with_paths(grads, is_leaf=lambda x: is_lora(x) or is_quantized(x))[0])
+    missing, wrong, out = [], [], {}
     for i in chosen:
         path, w = leaves[i]
-        roles = _check_roles(roles_of[i], w.shape, path)
-        r = _rank(path, w.shape, roles, rank, rank_pattern)
-        if r < rank and lookup_pattern(rank_pattern, path, None) is None:
-            capped.append(f"{path} {tuple(w.shape)} -> r={r}")
-        a_alpha = lookup_pattern(alpha_pattern, path, r if alpha is None else alpha)
-        scale = float(a_alpha) / (math.sqrt(r) if rslora else r)
-        if is_quantized(w) and init not in ("lora", "gaussian"):
-            raise ValueError(f"init {init!r} needs a float kernel, but {path!r} is quantized: "
-                             "quantize after it (apply(..., quantize=...)) or use init 'lora'")
-        node = _init_node(w, roles, int(r), scale, init, dropout, adapter_dtype,
-                          jax.random.fold_in(key, i))
-        if quantize is not None and not is_quantized(node.w):
-            node = dataclasses.replace(node, w=_quantize(node.w, quantize))
-        out[i] = node
-    if capped:
-        warnings.warn(f"rank {rank} exceeds min(in, out) of {len(capped)} kernel(s), which get "
-                      f"a full-rank adapter of rank min(in, out) instead (scale = alpha/r with that "
-                      f"r): {'; '.join(capped)}", UserWarning, stacklevel=2)
-    return jax.tree.unflatten(treedef, out)
+        g = found.get(path)
+        if not _is_float_array(g):
+            missing.append(path if g is None else f"{path} ({type(g).__name__})")
+        elif tuple(g.shape) != tuple(w.shape):
+            wrong.append(f"{path}: gradient {tuple(g.shape)}, kernel {tuple(w.shape)}")
+        else:
+            out[i] = g
+    if missing:
+        raise ValueError(f"grads holds no float gradient for {len(missing)} targeted kernel(s): "
+                         f"{missing}. Pass the gradient of the loss with respect to params (same "
+                         f"paths, e.g. jax.grad(loss)(params, batch)), or narrow targets/exclude")
+    if wrong:
+        raise ValueError(f"grads has gradients of the wrong shape (each must have its kernel's "
+                         f"shape): {'; '.join(wrong)}")
+    return out
 
 
 def _as_matrix(x, roles):
@@ -240,20 +396,21 @@ def _as_matrix(x, roles):
     return jnp.transpose(x, perm).reshape((math.prod(batch), I, O))
 
 
-def _init_node(w, roles, r, scale, init, dropout, dtype, key):
+def _init_node(w, roles, r, scale, init, dropout, dtype, key, grad=None, lora_ga=None):
     placed = None if is_quantized(w) else factor_shardings(array_sharding(w), w.ndim, roles)
+    init_fn = lambda w, key, grad: _init_factors(w, roles, r, scale, init, dropout, dtype, key,
+                                                 grad, lora_ga)
     if placed is None:
-        return _init_factors(w, roles, r, scale, init, dropout, dtype, key)
+        return init_fn(w, key, grad)
     # w is sharded (FSDP, tensor parallel): create the factors directly in their shardings (also
     # across processes: every process runs the same jitted init), so no device ever holds a whole one
     w_sharding = array_sharding(w)
-    make = jax.jit(lambda w, key: _init_factors(w, roles, r, scale, init, dropout, dtype, key),
-                   out_shardings=LoRA(w=w_sharding, a=placed[0], b=placed[1], scale=scale, roles=roles,
-                                      dropout=dropout))
-    return make(w, key)
+    make = jax.jit(init_fn, out_shardings=LoRA(w=w_sharding, a=placed[0], b=placed[1], scale=scale,
+                                               roles=roles, dropout=dropout))
+    return make(w, key, grad)
 
 
-def _init_factors(w, roles, r, scale, init, dropout, dtype, key):
+def _init_factors(w, roles, r, scale, init, dropout, dtype, key, grad=None, lora_ga=None):
     a_shape, b_shape = factor_shapes(w.shape, roles, r)
     fan_in, _ = fan_in_out(w.shape, roles)
     if init in ("lora", "gaussian"):
@@ -265,7 +422,10 @@ def _init_factors(w, roles, r, scale, init, dropout, dtype, key):
         return LoRA(w=w, a=a, b=jnp.zeros(b_shape, dtype), scale=scale, roles=roles, dropout=dropout)
 
     m = _as_matrix(w.astype(jnp.float32), roles)  # (batch, I, O)
-    if init == "pissa":
+    if init == "lora-ga":
+        g = _as_matrix(grad.astype(jnp.float32), roles)
+        a_m, b_m = _lora_ga_matrices(g, m, r, scale, lora_ga, key)
+    elif init == "pissa":
         u, s, vt = jnp.linalg.svd(m, full_matrices=False)
         root = jnp.sqrt(s[:, :r] / scale)
         a_m = u[:, :, :r] * root[:, None, :]
@@ -279,3 +439,31 @@ def _init_factors(w, roles, r, scale, init, dropout, dtype, key):
     node = LoRA(w=w, a=a, b=b, scale=scale, roles=roles, dropout=dropout)
     residual = w.astype(jnp.float32) - node.delta(jnp.float32)
     return dataclasses.replace(node, w=residual.astype(w.dtype))
+
+
+def _lora_ga_matrices(g, m, r, lora_scale, opts: _LoraGA, key):
+    """LoRA-GA's matrix-form factors from the kernel gradients g and kernels m, both (n, I, O):
+    a (n, I, r), b (n, r, O), one SVD per batch element (see `lora_ga_init` for the math)."""
+    p, s, qt = jnp.linalg.svd(g, full_matrices=False)  # g = P diag(s) Qᵀ; PEFT's U = Q, Vh = Pᵀ
+    n = g.shape[0]
+    if opts.direction == "random":  # PEFT: indices = randperm(2r)[:r], the same for A and B
+        idx = jax.vmap(lambda k: jax.random.permutation(k, 2 * r)[:r])(jax.random.split(key, n))
+        ia = ib = idx
+    else:
+        ia, ib = {"ArB2r": (np.arange(r), np.arange(r, 2 * r)),
+                  "A2rBr": (np.arange(r, 2 * r), np.arange(r)),
+                  "ArBr": (np.arange(1, 2 * r, 2), np.arange(0, 2 * r, 2))}[opts.direction]
+        ia, ib = (jnp.broadcast_to(jnp.asarray(x), (n, r)) for x in (ia, ib))
+    a = jnp.take_along_axis(p, ia[:, None, :], axis=2)  # A = Vh[ia] → a = P[:, ia]
+    s_b = jnp.take_along_axis(s, ib, axis=1)  # (n, r)
+    b = s_b[:, :, None] * jnp.take_along_axis(qt, ib[:, :, None], axis=1)  # B = U[:, ib] diag(s_b)
+    if opts.scale == "stable":  # PEFT: out_features ** 0.25 / stable_gamma ** 0.5, on B only
+        b = b * (g.shape[2] ** 0.25 / opts.stable_gamma ** 0.5)
+    elif opts.scale == "weight_svd":  # PEFT: σ₁(W) / s_b[0] on B, where s_b[0] > 0
+        top = jnp.linalg.svd(m, compute_uv=False)[:, 0]
+        first = s_b[:, 0]
+        factor = jnp.where(first > 0, top / jnp.where(first > 0, first, 1.0), 1.0)
+        b = b * factor[:, None, None]
+    elif opts.scale == "gd_scale":  # PEFT: A / scaling, B / scaling
+        a, b = a / lora_scale, b / lora_scale
+    return a, b
