@@ -134,6 +134,7 @@ def apply(
     dropout: float = 0.0,
     adapter_dtype=jnp.float32,
     quantize: str | None = None,
+    dora: bool = False,
     key: jax.Array | None = None,
 ):
     """Return `params` with each targeted kernel replaced by a `LoRA` node.
@@ -170,6 +171,15 @@ def apply(
         (`lora_jax.quantize`, after the init, so PiSSA/OLoRA quantize their residual) and
         dequantized inside the factored product. Kernels that are already `lora_jax.Quantized`
         (e.g. from a GGUF file) are adapted as they are (init "lora" or "gaussian").
+      dora: DoRA (Liu et al. 2024; PEFT's ``use_dora=True``): each node also gets a trainable
+        magnitude ``m`` (`w`'s batch and output axes, in `adapter_dtype`), initialised to
+        ``‖w + scale·a@b‖`` over the input axes per output unit (after `quantize`, from the
+        dequantized `w`; ``‖w‖`` for the zero-`b` inits), and stands for
+        ``m ⊙ w_eff / ‖w_eff‖`` with the norm a constant in the backward pass, as PEFT's
+        ``weight_norm.detach()`` (`lora_jax.node`). `wrap` runs it factored: the norm comes from
+        rank-sized products (``aᵀw``, ``aᵀa``) and ``‖w_j‖²``, each output unit of the factored
+        product is scaled by ``m / ‖w_eff‖``. With `dropout`, the scale multiplies
+        ``x@w + scale·(dropout(x)@a)@b`` (PEFT scales ``dropout(x)@w`` on the DoRA part instead).
       key: PRNG key for the random inits; defaults to ``jax.random.key(0)``.
 
     Every init starts the adapted model at the base model: exactly for "lora"/"gaussian", to
@@ -180,7 +190,7 @@ def apply(
                          f"gradients: lora_jax.lora_ga_init)")
     return _adapt(params, rank, alpha=alpha, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
                   alpha_pattern=alpha_pattern, layout=layout, rslora=rslora, init=init, dropout=dropout,
-                  adapter_dtype=adapter_dtype, quantize=quantize, key=key)
+                  adapter_dtype=adapter_dtype, quantize=quantize, dora=dora, key=key)
 
 
 def lora_ga_init(
@@ -201,6 +211,7 @@ def lora_ga_init(
     dropout: float = 0.0,
     adapter_dtype=jnp.float32,
     quantize: str | None = None,
+    dora: bool = False,
     key: jax.Array | None = None,
 ):
     """`apply` with LoRA-GA's init (Wang et al. 2024, arXiv 2407.05000), as Hugging Face PEFT
@@ -210,7 +221,7 @@ def lora_ga_init(
     a required input here (PEFT's `preprocess_loraga` step), and `direction`, `scale` and
     `stable_gamma` mean nothing to the other inits, so `apply` keeps only arguments every init
     uses. Every `apply` argument works the same here (targets, exclude, rank_pattern,
-    alpha_pattern, layout, rslora, dropout, adapter_dtype, quantize, key, sharded kernels, leading
+    alpha_pattern, layout, rslora, dropout, adapter_dtype, quantize, dora, key, sharded kernels, leading
     batch axes), since both run the same code but for the factors' init.
 
     Args:
@@ -277,7 +288,7 @@ def lora_ga_init(
         raise ValueError(f"stable_gamma must be > 0, got {stable_gamma!r}")
     return _adapt(params, rank, alpha=alpha, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
                   alpha_pattern=alpha_pattern, layout=layout, rslora=rslora, init="lora-ga",
-                  dropout=dropout, adapter_dtype=adapter_dtype, quantize=quantize, key=key,
+                  dropout=dropout, adapter_dtype=adapter_dtype, quantize=quantize, dora=dora, key=key,
                   grads=grads, lora_ga=_LoraGA(direction, scale, float(stable_gamma)))
 
 
@@ -291,7 +302,7 @@ class _LoraGA:
 
 
 def _adapt(params, rank, *, alpha, targets, exclude, rank_pattern, alpha_pattern, layout, rslora,
-           init, dropout, adapter_dtype, quantize, key, grads=None, lora_ga=None):
+           init, dropout, adapter_dtype, quantize, dora, key, grads=None, lora_ga=None):
     """`apply` and `lora_ga_init`: select, check, init each targeted kernel."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -317,6 +328,8 @@ def _adapt(params, rank, *, alpha, targets, exclude, rank_pattern, alpha_pattern
                           jax.random.fold_in(key, i), grad_of.get(i), lora_ga)
         if quantize is not None and not is_quantized(node.w):
             node = dataclasses.replace(node, w=_quantize(node.w, quantize))
+        if dora:  # PEFT: the norm of the (dequantized) weight plus the initial adapter
+            node = dataclasses.replace(node, m=node.weight_norm().astype(adapter_dtype))
         out[i] = node
     if capped:
         what = ("min(in, out) of {n} kernel(s), which get a full-rank adapter of rank min(in, out)"

@@ -11,6 +11,10 @@ and then a node of the update's own shapes and dtypes holding the results (`with
 `map_lora_gradients` is the whole loop for a stateless transformation whose per-pair math needs the
 eigendecompositions of the two r×r Gram matrices, taken once per (rank, dtype) group
 (`lora_jax.gram.grouped_factor_eighs`).
+
+A DoRA node (`lora_jax.node`) is such a pair too: its (a, b) gradients are those of the direction
+``w + scale·a@b`` (the norm being a constant), and the gradient of its magnitude `m` passes through
+every per-pair transformation unchanged, as a plain leaf would.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ def _check_pair(name: str, path: str, u, p) -> None:
                          "half?); pass the trainable tree from `lora_jax.split`")
     if u.a is None or u.b is None:
         raise ValueError(f"{name}: the LoRA node at {path} in updates has no a/b gradient")
+    if (u.m is None) != (p.m is None):
+        raise ValueError(f"{name}: the LoRA node at {path} has a DoRA magnitude `m` in one of "
+                         "updates/params only")
     if u.a.shape != p.a.shape or u.b.shape != p.b.shape or u.roles != p.roles:
         raise ValueError(f"{name}: shapes at {path} do not match: updates a {u.a.shape}, "
                          f"b {u.b.shape}; params a {p.a.shape}, b {p.b.shape}")
@@ -98,7 +105,8 @@ def node_matrices(p: LoRA, u: LoRA, dtype):
 
 
 def with_factors(u: LoRA, ga, gb) -> LoRA:
-    """`u` with matrix-form `ga`, `gb` put back in its factors' shapes and dtypes."""
+    """`u` with matrix-form `ga`, `gb` put back in its factors' shapes and dtypes; anything else
+    of `u` (a DoRA node's magnitude gradient `m`) as it is."""
     return dataclasses.replace(u, a=ga.reshape(u.a.shape).astype(u.a.dtype),
                                b=gb.reshape(u.b.shape).astype(u.b.dtype))
 

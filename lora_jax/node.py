@@ -18,6 +18,17 @@ output kernel (heads, head_dim, d_model) ``roles="iio"``, and a conv kernel (kh,
 
 Because `roles` describes only the trailing axes, slicing a batch axis off (as `lax.scan` does) gives
 a valid node again.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", as Hugging Face PEFT's
+``use_dora``): a node with a magnitude ``m`` of shape (*batch, *out_axes) (`w`'s batch and output
+axes, in `w`'s order) stands for
+
+    w' = m ⊙ w_eff / ‖w_eff‖      ‖w_eff‖: the L2 norm over the input axes, per output unit
+
+(PEFT's ``lora_magnitude_vector``, one entry per output feature). As PEFT does (``weight_norm.detach()``,
+following the paper's section 4.3), the norm is a constant in the backward pass: gradients reach `m`,
+`a` and `b` through ``m / ‖w_eff‖`` times the product, never through the norm. ``m`` is None on plain
+LoRA nodes.
 """
 
 from __future__ import annotations
@@ -29,13 +40,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lora_jax import policy
 from lora_jax.quant import dense
 
 
 class LoRA(policy.Formable):
-    """A frozen weight `w` and trainable factors `a`, `b`; behaves like ``w + scale·a@b``.
+    """A frozen weight `w` and trainable factors `a`, `b`; behaves like ``w + scale·a@b``, or with
+    a DoRA magnitude `m` (trainable too) like ``m ⊙ (w + scale·a@b) / ‖w + scale·a@b‖``.
 
     Inside a function transformed by `lora_jax.wrap`, a `LoRA` acts as an array of `w`'s shape and
     dtype. Products with it run factored; anything else materialises (with a warning). `w` may be
@@ -48,6 +61,7 @@ class LoRA(policy.Formable):
     scale: float = eqx.field(static=True)
     roles: str = eqx.field(static=True)
     dropout: float = eqx.field(static=True, default=0.0)
+    m: Any = None  # DoRA's magnitude (*batch, *out_axes); None: plain LoRA (no leaf, as before)
 
     def aval(self):
         return jax.core.ShapedArray(self.w.shape, self.w.dtype)
@@ -64,8 +78,23 @@ class LoRA(policy.Formable):
         """``scale · a @ b`` in `w`'s shape, computed in `dtype`."""
         return _delta(self.a, self.b, self.scale, self.roles, self.num_batch_axes, dtype)
 
+    @property
+    def is_dora(self) -> bool:
+        return self.m is not None
+
+    def weight_norm(self, dtype=jnp.float32):
+        """DoRA's ``‖w + scale·a@b‖`` over the input axes, (*batch, *out_axes), without forming the
+        adapted weight; under `jax.lax.stop_gradient` (see the module docstring)."""
+        return lax.stop_gradient(_factored_norm(dense(self.w, dtype), self.a, self.b, self.scale,
+                                                self.roles, self.num_batch_axes, dtype))
+
+    def column_scale(self, dtype=jnp.float32):
+        """DoRA's ``m / ‖w_eff‖``, (*batch, *out_axes): the factor of each output unit."""
+        return self.m.astype(dtype) / self.weight_norm(dtype)
+
     def as_array(self):
-        """``w + scale·a@b``, without the materialisation warning (`lora_jax.policy`)."""
+        """``w + scale·a@b`` (DoRA: times ``m / ‖·‖``), without the materialisation warning
+        (`lora_jax.policy`)."""
         return merge_node(self)
 
     def materialise_message(self, what: str, why: str) -> str:
@@ -102,9 +131,36 @@ _OUTSIDE_WRAP = ("a lora_jax.LoRA node (weight {shape}) was used as an array out
 
 def merge_node(node: LoRA):
     """``w + scale·a@b`` computed in float32 (or wider) and cast back to `w`'s dtype. A quantized
-    `w` (`lora_jax.quant.Quantized`) is dequantized: the result is a float array of its dtype."""
+    `w` (`lora_jax.quant.Quantized`) is dequantized: the result is a float array of its dtype.
+    A DoRA node gives ``m ⊙ w_eff / ‖w_eff‖`` (the norm over the input axes, computed from the
+    formed ``w_eff`` and under `stop_gradient`, as in the factored product)."""
     compute = jnp.promote_types(jnp.float32, node.w.dtype)
-    return (dense(node.w, compute) + node.delta(compute)).astype(node.w.dtype)
+    w_eff = dense(node.w, compute) + node.delta(compute)
+    if node.is_dora:
+        nb = node.num_batch_axes
+        ins = tuple(nb + k for k, role in enumerate(node.roles) if role == "i")
+        norm = lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(w_eff), axis=ins, keepdims=True)))
+        w_eff = w_eff * (jnp.expand_dims(node.m.astype(compute), ins) / norm)
+    return w_eff.astype(node.w.dtype)
+
+
+def _factored_norm(w, a, b, scale, roles, num_batch, dtype):
+    """``‖w + scale·a@b‖`` over the input axes, per output unit, from ``‖w_j‖²``, the cross term
+    ``2·scale·Σ_r (aᵀw)_rj b_rj`` and ``scale²·Σ_rr' b_rj (aᵀa)_rr' b_r'j``: rank-sized products
+    with `w` (r×O) and `a` (r×r), never the adapted weight. (Cancellation can lose digits where
+    ``w_eff`` is much smaller than `w`; the squared norm is clipped at 0.)"""
+    w_spec, a_spec, b_spec = axis_letters(roles, num_batch)
+    col = b_spec.replace("R", "")  # batch + output letters: the norm's axes
+    a2 = a_spec.replace("R", "r")  # a second rank letter
+    hi = jax.lax.Precision.HIGHEST
+    w, a, b = w.astype(dtype), a.astype(dtype), b.astype(dtype)
+    ww = jnp.einsum(f"{w_spec},{w_spec}->{col}", w, w, precision=hi)
+    aw = jnp.einsum(f"{a_spec},{w_spec}->{b_spec}", a, w, precision=hi)
+    gram = jnp.einsum(f"{a_spec},{a2}->{a_spec[:num_batch]}Rr", a, a, precision=hi)
+    gb = jnp.einsum(f"{a_spec[:num_batch]}Rr,{b_spec.replace('R', 'r')}->{b_spec}", gram, b, precision=hi)
+    s = jnp.asarray(scale, dtype)
+    sq = ww + jnp.sum((2 * s * aw + s * s * gb) * b, axis=num_batch)
+    return jnp.sqrt(jnp.maximum(sq, 0))
 
 
 def axis_letters(roles: str, num_batch: int):
@@ -131,6 +187,12 @@ def factor_shapes(shape, roles: str, rank: int):
     ins = tuple(d for d, role in zip(tail, roles) if role == "i")
     outs = tuple(d for d, role in zip(tail, roles) if role == "o")
     return batch + ins + (rank,), batch + (rank,) + outs
+
+
+def magnitude_shape(shape, roles: str) -> tuple:
+    """Shape of a DoRA magnitude `m` for a weight of `shape`: its batch and output axes."""
+    nb = len(shape) - len(roles)
+    return tuple(shape[:nb]) + tuple(d for d, role in zip(shape[nb:], roles) if role == "o")
 
 
 def fan_in_out(shape, roles: str):

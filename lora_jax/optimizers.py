@@ -5,6 +5,12 @@ Each acts on the trainable half of an adapted tree (`lora_jax.split`), whose `Lo
 factors; `lora_jax.factor_pairs` finds the pairs and puts results back, the per-pair math is in
 `lora_jax.projection` (LoRA-Pro) and `lora_jax.preconditioning` (Riemannian). Leaves that are not
 LoRA nodes (a new head, say) pass through, or get plain AdamW in `lora_pro_adamw`.
+
+DoRA nodes (``apply(..., dora=True)``): each transformation acts on their (a, b) gradients as on a
+LoRA node's (the gradient of the direction ``w + scale·a@b``, the norm a constant), and treats the
+magnitude `m` as a plain leaf: `lora_pro`, `riemannian`, `scale_b` and `add_decay_towards_base` pass
+its gradient through unchanged (so ``chain(lora_pro(), optax.adamw(lr))`` gives `m` plain AdamW), and
+`lora_pro_adamw` routes `m` to its AdamW for other leaves.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def lora_pro(*, x: str = "sylvester", damping: float = DEFAULT_DAMPING, rcond: f
     For every `LoRA` node, replaces LoRA's ``(∂L/∂a, ∂L/∂b)`` by the adjusted pair whose equivalent
     gradient is the projection ``P_B g + g P_A − P_B g P_A`` of the full gradient onto the adapters'
     tangent space (see the module docstring), with X chosen by `x`. Each node's own ``scale`` is
-    used. Other leaves pass through untouched. Stacked (leading) axes are batched, and the r×r
+    used. Other leaves, and a DoRA node's `m` gradient, pass through untouched. Stacked (leading) axes are batched, and the r×r
     eigendecompositions of all nodes of one rank run as one stacked `eigh` (module docstring).
 
     * ``optax.chain(lora_pro(), optax.sgd(lr))`` is exact LoRA-Pro SGD;
@@ -97,8 +103,8 @@ def scale_by_lora_pro_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
     So ``chain(scale_by_lora_pro_adam(), optax.scale_by_learning_rate(lr))`` steps
     ``A ← A − lr·gA''``, ``B ← B − lr·gB''``. M and V have the full shape of each adapted weight
     (`LoraProAdamWState`; M in `mu_dtype`, else the compute dtype; sharded like the weight when the
-    factors are). Leaves that are not LoRA nodes pass through unchanged and get no state: route them
-    to another optimizer, as `lora_pro_adamw` does. ``update`` requires `params`.
+    factors are). Leaves that are not LoRA nodes, and a DoRA node's `m`, pass through unchanged and
+    get no state: route them to another optimizer, as `lora_pro_adamw` does. ``update`` requires `params`.
     """
     compute_dtype = compute_dtype_of(compute_dtype)
     m_dtype = compute_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -181,7 +187,8 @@ def add_decay_towards_base(weight_decay: ScalarOrSchedule,
     (The LoRA-Pro reference decays the whole W, scaling the frozen W0 too; a frozen weight that
     changes is no longer frozen.) `learning_rate` must be the one given to
     ``scale_by_learning_rate`` (a schedule is read at this transformation's own step count, which
-    advances in step with that one's). Other leaves pass through.
+    advances in step with that one's). Other leaves pass through, and so does a DoRA node's `m`
+    (its base, the initial norm, is not in the tree; `lora_pro_adamw` gives `m` AdamW's own decay).
     """
 
     def init_fn(params):
@@ -218,8 +225,10 @@ def lora_pro_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float =
       weight_decay, learning_rate), optax.scale_by_learning_rate(learning_rate))`` — full-shape Adam
       on the projected gradient, pulled back to the factors and adjusted (`scale_by_lora_pro_adam`),
       decay towards the frozen weight (`add_decay_towards_base`);
-    * every other trainable leaf (a new head, say): ``optax.adamw(learning_rate, b1, b2, eps,
-      weight_decay, mu_dtype=mu_dtype)``,
+    * every other trainable leaf (a new head, say), and each DoRA node's magnitude `m`:
+      ``optax.adamw(learning_rate, b1, b2, eps, weight_decay, mu_dtype=mu_dtype)`` (for `m` the
+      simplest correct choice: the paper's Algorithm 2 knows no magnitude, and a PyTorch AdamW over
+      PEFT's DoRA parameters treats it the same way, decay towards 0 included),
 
     split by `optax.partition`. Memory: M and V have the full shape of each adapted weight — the
     same optimizer state as full fine-tuning for those weights — plus step counts.
@@ -255,7 +264,14 @@ def _is_zero(x) -> bool:
 
 
 def _lora_or_other(tree):
-    return jax.tree.map(lambda x: "lora" if is_lora(x) else "other", tree, is_leaf=is_lora)
+    """optax.partition labels: "lora" for a LoRA node (its a and b), "other" for anything else and
+    for a DoRA node's `m`."""
+    def label(x):
+        if not is_lora(x):
+            return "other"
+        return "lora" if x.m is None else dataclasses.replace(x, a="lora", b="lora", m="other")
+
+    return jax.tree.map(label, tree, is_leaf=is_lora)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +281,8 @@ def _lora_or_other(tree):
 def riemannian(reg: float = 1e-2, *, compute_dtype=None) -> optax.GradientTransformation:
     """Stateless transformation applying the r×r Riemannian preconditioner (Zhang & Pilanci, 2024;
     `lora_jax.preconditioning`) to every `LoRA` node: ``ga ← ga (b bᵀ + λI)⁻¹``,
-    ``gb ← (aᵀa + λI)⁻¹ gb``. One `eigh` per group of nodes sharing rank and compute dtype.
+    ``gb ← (aᵀa + λI)⁻¹ gb`` (a DoRA node's `m` gradient passes through). One `eigh` per group of
+    nodes sharing rank and compute dtype.
 
     ``optax.chain(lora_jax.riemannian(), optax.sgd(lr))`` is scaled GD,
     ``optax.chain(lora_jax.riemannian(), optax.adamw(lr))`` the preconditioned AdamW.
@@ -317,6 +334,7 @@ def loraplus(inner: optax.GradientTransformation, ratio: float = 16.0) -> optax.
     `ratio`": the inner optimizer's decoupled weight decay on `b` is scaled along with it, as in
     PyTorch param groups with a larger lr.
 
+    A DoRA node's `m` keeps the inner optimizer's update (learning rate ``lr``).
     Equivalent to ``optax.chain(inner, scale_b(ratio))``; wrapping the inner optimizer (rather than
     asking for a chain position) keeps the scaling after the learning rate, where it must be:
     scaling *gradients* before Adam would be normalised away. Works with schedules and

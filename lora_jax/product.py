@@ -1,5 +1,9 @@
 """The factored product ``x@w + scale·(x@a)@b`` and its hand-written reverse-mode rule.
 
+A DoRA node's product is that product with each output unit scaled by ``m / ‖w_eff‖``
+(`_dora_scaled`, outside the custom VJP: plain autodiff of one elementwise multiply, the norm a
+constant), so its adapted weight is never formed either.
+
 `factored_dot` runs a `dot_general` with a `LoRA` operand as two rank-sized einsums added to the
 frozen product, laid out as ``dot_general(x, w)`` would be, for any batch and contracting dims;
 `quantized_dot` runs one with a frozen `Quantized` operand. Both are `jax.custom_vjp`s: see
@@ -84,10 +88,28 @@ def factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_i
 
     j = "".join
     specs = _Specs(j(x_spec), j(w_spec), j(first_spec), j(t_spec), j(second_spec), j(out_spec))
+    k_spec = j(lead + [w_spec[d] for d in sorted(outs)])  # DoRA's column scale: batch + out axes
+    if node.is_dora and first == "b":  # x contracted with w's output axes: scale x's columns
+        x = _dora_scaled(x, node, k_spec, specs.x)
     xd = adapter_input(x, node)
     product = _factored_product(base, specs, node.scale, params.get("precision"))
     out, = product(x, None if xd is x else xd, node.w, first_arr, second_arr)
+    if node.is_dora and first == "a":
+        out = _dora_scaled(out, node, k_spec, specs.out)
     return out
+
+
+def _dora_scaled(v, node: LoRA, k_spec: str, v_spec: str):
+    """`v` times DoRA's ``m / ‖w_eff‖`` (`LoRA.column_scale`, its norm under `stop_gradient`)
+    along the axes `k_spec` names in `v_spec`, in float32 (or wider), cast back to `v`'s dtype.
+
+    On the product's output (x contracted with the input axes) this is ``x@w' = (x@w_eff) ⊙ k``;
+    on its input (contracted with the output axes, ``x@w'ᵀ``) ``(x ⊙ k)@w_effᵀ``. The gradient of
+    `m` needs the unscaled value, so autodiff keeps it: one activation-sized residual more than
+    plain LoRA (PEFT's DoRA keeps it too)."""
+    acc = jnp.promote_types(v.dtype, jnp.float32)
+    k = _along(node.column_scale(acc), k_spec, v_spec)
+    return (v.astype(acc) * k).astype(v.dtype)
 
 
 class _Specs(NamedTuple):

@@ -53,6 +53,8 @@ def _factored_dot_applies(node: LoRA, l_contract, l_batch) -> bool:
         return False
     ins = {nb + k for k, role in enumerate(node.roles) if role == "i"}
     outs = {nb + k for k, role in enumerate(node.roles) if role == "o"}
+    if node.is_dora and contracted == outs and set(l_batch) != set(range(nb)):
+        return False  # DoRA's scale would fall on x's columns, which lack w's free batch axes
     return contracted in (ins, outs)
 
 
@@ -92,7 +94,18 @@ def _(lhs: ArrayLike, rhs: LoRA, **params):
     t = jnp.moveaxis(t, feature, -1) * jnp.asarray(rhs.scale, dtype)
     delta = jnp.moveaxis(jnp.tensordot(t, rhs.b.astype(dtype), axes=1,
                                        precision=params.get("precision")), -1, feature)
-    return base + delta.astype(base.dtype)
+    out = base + delta.astype(base.dtype)
+    return _dora_features(out, rhs, feature)
+
+
+def _dora_features(out, node: LoRA, feature: int):
+    """A DoRA node's conv or lookup output (one axis `feature` of output units) times
+    ``m / ‖w_eff‖``; a plain node's as it is."""
+    if not node.is_dora:
+        return out
+    acc = jnp.promote_types(out.dtype, jnp.float32)
+    k = jnp.expand_dims(node.column_scale(acc), [d for d in range(out.ndim) if d != feature])
+    return (out.astype(acc) * k).astype(out.dtype)
 
 
 # ----------------------------------------------------------------------------- gather
@@ -123,7 +136,8 @@ def _gather_rows(w, indices, params):
 
 @quax.register(lax.gather_p)
 def _(operand: LoRA, indices: ArrayLike, **params):
-    """Embedding lookup ``table[ids]`` with table roles "io": ``w[ids] + scale·a[ids]@b``."""
+    """Embedding lookup ``table[ids]`` with table roles "io": ``w[ids] + scale·a[ids]@b`` (DoRA:
+    times ``m / ‖w_eff‖``, the norm per column over the table's rows, as PEFT's DoRA embedding)."""
     dn = params["dimension_numbers"]
     w = operand.w
     if not (operand.num_batch_axes == 0 and operand.roles == "io" and _is_row_lookup(w.shape, params)):
@@ -133,7 +147,7 @@ def _(operand: LoRA, indices: ArrayLike, **params):
     axis = dn.offset_dims[0]
     t = jnp.moveaxis(t, axis, -1) * jnp.asarray(operand.scale, t.dtype)
     delta = jnp.moveaxis(t @ operand.b, -1, axis)
-    return base + delta.astype(base.dtype)
+    return _dora_features(base + delta.astype(base.dtype), operand, axis)
 
 
 # ----------------------------------------------------------------------------- layout-only ops
@@ -161,8 +175,10 @@ def _(x: LoRA, *, permutation):
     new_outs = [p for p in tail if x.roles[p] == "o"]
     a_perm = list(range(nb)) + [nb + old_ins.index(p) for p in new_ins] + [x.a.ndim - 1]
     b_perm = list(range(nb + 1)) + [nb + 1 + old_outs.index(p) for p in new_outs]
+    m_perm = list(range(nb)) + [nb + old_outs.index(p) for p in new_outs]  # (*batch, *outs)
+    m = None if x.m is None else jnp.transpose(x.m, m_perm)
     return dataclasses.replace(x, w=_transpose_w(x.w, perm), a=jnp.transpose(x.a, a_perm),
-                               b=jnp.transpose(x.b, b_perm), roles=roles)
+                               b=jnp.transpose(x.b, b_perm), roles=roles, m=m)
 
 
 # ----------------------------------------------------------------------------- remat

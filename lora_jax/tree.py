@@ -6,7 +6,7 @@ import dataclasses
 
 import jax
 
-from lora_jax.node import LoRA, factor_shapes, is_lora, merge_node
+from lora_jax.node import LoRA, factor_shapes, is_lora, magnitude_shape, merge_node
 from lora_jax.paths import Selector, compile_selector, flatten_with_paths
 from lora_jax.quant import is_quantized
 
@@ -18,7 +18,8 @@ def _is_leaf(x) -> bool:  # a quantized weight stays whole (in the frozen half)
 def split(tree, trainable: Selector = None):
     """``(trainable, frozen)`` halves of an adapted tree, each of the full tree's structure.
 
-    `trainable` holds each LoRA node's `a` and `b` (its `w` is None) plus the leaves selected by
+    `trainable` holds each LoRA node's `a` and `b` (and a DoRA node's magnitude `m`; its `w` is
+    None) plus the leaves selected by
     the `trainable` selector (a regex over '/'-joined paths, a list of them, or a predicate), such
     as a new classification head; `frozen` holds everything else (each LoRA node's `w`). Holes are
     None. Differentiate with respect to the trainable half only, so frozen weights get no gradient.
@@ -30,7 +31,7 @@ def split(tree, trainable: Selector = None):
         if is_lora(leaf):
             _check_node(leaf, path, need_w=True, need_ab=True)
             train.append(dataclasses.replace(leaf, w=None))
-            frozen.append(dataclasses.replace(leaf, a=None, b=None))
+            frozen.append(dataclasses.replace(leaf, a=None, b=None, m=None))
         elif leaf is not None and extra(path, leaf):
             train.append(leaf)
             frozen.append(None)
@@ -54,6 +55,9 @@ def combine(trainable, frozen):
                 raise ValueError(f"combine: {path!r} is a LoRA node in one tree only")
             if (t.scale, t.roles, t.dropout) != (f.scale, f.roles, f.dropout):
                 raise ValueError(f"combine: {path!r} has different LoRA settings in the two trees")
+            if f.m is not None:
+                raise ValueError(f"combine: {path!r} has a DoRA magnitude `m` in the frozen tree; "
+                                 "it belongs to the trainable half")
             node = dataclasses.replace(t, w=f.w)
             _check_node(node, path, need_w=True, need_ab=True)
             out.append(node)
@@ -65,7 +69,8 @@ def combine(trainable, frozen):
 
 
 def merge(tree):
-    """Plain params: every LoRA node becomes ``w + scale·a@b`` (float32 maths, `w`'s dtype).
+    """Plain params: every LoRA node becomes ``w + scale·a@b`` (float32 maths, `w`'s dtype), a
+    DoRA node ``m ⊙ w_eff / ‖w_eff‖`` (`lora_jax.node`).
 
     A node with a quantized `w` (`lora_jax.quantize`, QLoRA) merges into a float array of `w`'s
     dequantized dtype; quantized weights outside LoRA nodes stay quantized."""
@@ -92,3 +97,7 @@ def _check_node(node: LoRA, path: str, *, need_w: bool, need_ab: bool) -> None:
         raise ValueError(f"LoRA node at {path!r}: w {tuple(node.w.shape)} with roles {node.roles!r} "
                          f"needs a {a_shape} and b {b_shape}, got a {tuple(node.a.shape)} and "
                          f"b {tuple(node.b.shape)}")
+    if node.m is not None and tuple(node.m.shape) != magnitude_shape(node.w.shape, node.roles):
+        raise ValueError(f"LoRA node at {path!r}: w {tuple(node.w.shape)} with roles {node.roles!r} "
+                         f"needs a DoRA magnitude m {magnitude_shape(node.w.shape, node.roles)}, "
+                         f"got {tuple(node.m.shape)}")
