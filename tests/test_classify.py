@@ -165,6 +165,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", [
     "lora-pro-adamw",
+    "dora",  # the magnitudes m go through the checkpoint too
     pytest.param("lora-pro", marks=pytest.mark.slow),
     pytest.param("full", marks=pytest.mark.slow),
     pytest.param("probe", marks=pytest.mark.slow),
@@ -195,6 +196,9 @@ def test_checkpoint_holds_only_the_trainable_half(tiny, tmp_path):
     # the adapters of 2 layers at r=8 plus the head and Adam moments: far below the full model
     assert lora["checkpoint_bytes"] < 0.1 * lora["full_model_param_bytes"]
     assert lora["trainable_params"] == 2 * 8 * (4 * (32 + 32) + 2 * (32 + 64)) + 32 * 2 + 2
+    # DoRA adds one magnitude per output unit of each adapted kernel: 4 x 32 (attention), 64 + 32 (FFN)
+    dora = main(_args(tiny, tmp_path / "dora", method="dora"))
+    assert dora["trainable_params"] == lora["trainable_params"] + 2 * (4 * 32 + 64 + 32)
 
 
 # ------------------------------------------------------------------------------------------ damage

@@ -183,7 +183,7 @@ def _args(model, out, *extra, method="lora", steps=STEPS):
             "--lr", "1e-2", *extra]
 
 
-@pytest.mark.parametrize("method", ["lora", "lora-pro", pytest.param("lora-pro-adamw", marks=pytest.mark.slow),
+@pytest.mark.parametrize("method", ["lora", "lora-pro", "dora", pytest.param("lora-pro-adamw", marks=pytest.mark.slow),
                                     pytest.param("full", marks=pytest.mark.slow)])
 def test_lm_trains(tiny_gguf, tmp_path, method):
     import json
@@ -209,7 +209,7 @@ def test_lm_trains(tiny_gguf, tmp_path, method):
     assert min(each) - 1e-6 <= s["eval_loss"] <= max(each) + 1e-6
     if method != "full":
         assert s["trainable_params"] < 0.25 * s["total_params"]
-    if method in ("lora", "lora-pro"):  # lora-pro-adamw keeps full-shape Adam moments per adapted weight
+    if method in ("lora", "lora-pro", "dora"):  # lora-pro-adamw keeps full-shape Adam moments per adapted weight
         assert s["checkpoint_bytes"] < s["full_model_param_bytes"]
 
 

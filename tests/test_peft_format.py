@@ -136,13 +136,15 @@ def test_refusals(tmp_path):
         peft_format.import_peft(tmp_path, p1["params"], other)
 
 
-def test_classify_refuses_export_for_full_and_probe():
+def test_classify_refuses_export_for_full_probe_and_dora():
     from train.classify import ConfigError, parse_args
 
     for method in ("full", "probe"):
         with pytest.raises(ConfigError, match="--export-peft"):
             parse_args(["--method", method, "--export-peft", "/tmp/x"])
     assert parse_args(["--method", "lora-pro", "--export-peft", "/tmp/x"]).export_peft == "/tmp/x"
+    with pytest.raises(ConfigError, match="does not write DoRA adapters yet"):
+        parse_args(["--method", "dora", "--export-peft", "/tmp/x"])
 
 
 # ------------------------------------------------------------------------------------------------

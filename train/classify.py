@@ -11,7 +11,9 @@ Methods (``--method``):
   `train.bert.LORA_TARGETS`) + the head, AdamW;
 * ``lora-pro``: LoRA-Pro "efficient": ``optax.chain(lora_jax.lora_pro(), optax.adamw(lr))``;
 * ``lora-pro-adamw``: LoRA-Pro Algorithm 2 (`lora_jax.lora_pro_adamw`: full-shape Adam moments
-  per adapted weight; the head gets plain AdamW inside it).
+  per adapted weight; the head gets plain AdamW inside it);
+* ``dora``: DoRA (`lora_jax.apply(..., dora=True)`: a trained magnitude per output unit), AdamW on
+  a, b, m and the head (``--export-peft`` does not write DoRA adapters yet).
 
 LoRA methods differentiate only the trainable half (`lora_jax.split`) and run the forward with
 `lora_jax.wrap` (factored products, no full-weight gradients). Learning rate: linear warmup
@@ -129,9 +131,10 @@ class Classify(Task):
     models = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (fetched from the package registry into the "
                         "lora_jax cache by train.assets.minilm_dir)"}
     checkpoint_help = "a local HF model directory (config.json, model.safetensors, tokenizer.json or vocab.txt)"
-    methods = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw")
+    methods = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw", "dora")
     # learning rates used when --lr is not given (see bench/RESULTS.md for how they were chosen)
-    default_lr = {"probe": 3e-3, "full": 5e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3}
+    default_lr = {"probe": 3e-3, "full": 5e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3,
+                  "dora": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
     trajectory = ("model", "dataset", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr",
                   "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "pooling",
@@ -166,6 +169,9 @@ class Classify(Task):
                             "numerical checks, e.g. that a mesh run matches one device")
 
     def check_args(self, args) -> None:
+        if args.export_peft is not None and args.method == "dora":
+            raise ConfigError("--export-peft does not write DoRA adapters yet (PEFT's use_dora with "
+                              "lora_magnitude_vector); train with --method lora, lora-pro or lora-pro-adamw to export")
         if args.export_peft is not None and args.method not in LORA_METHODS:
             raise ConfigError(f"--export-peft writes LoRA adapters; --method {args.method} trains none "
                               f"(use one of {', '.join(LORA_METHODS)})")

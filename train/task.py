@@ -98,6 +98,7 @@ def _halves(args, par: parallel.Parallel, params, *, forward, example, default_t
     params = par.place_params(params, layout)  # FSDP: adapters are then created split like their kernels
     try:
         adapted = lora_jax.apply(params, args.rank, alpha=args.alpha, targets=targets, layout=layout,
+                                 dora=args.method == "dora",
                                  key=jax.random.fold_in(jax.random.key(args.seed), 1), **apply_kw)
     except ValueError as e:
         raise ConfigError(f"--targets {targets!r}: {e}") from e
