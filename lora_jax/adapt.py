@@ -20,7 +20,8 @@ from lora_jax.sharding import array_sharding, factor_shardings
 
 INITS = ("lora", "gaussian", "pissa", "olora")
 LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
-LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")  # variant="peft"
+LORA_GA_PAPER_SCALES = ("stable", "gd", "unit", "weightS")  # variant="paper"
 
 _EMBEDDING = re.compile(r"(?i)(embed|embedding|wte|wpe)")
 _NOT_KERNEL = re.compile(r"(?i)(bias|scale|norm)")
@@ -201,6 +202,7 @@ def lora_ga_init(
     direction: str = "ArB2r",
     scale: str = "stable",
     stable_gamma: float = 16,
+    variant: str = "peft",
     alpha: float | None = None,
     targets: Selector = None,
     exclude: Selector = None,
@@ -239,6 +241,8 @@ def lora_ga_init(
       scale: "stable" (default), "weight_svd", "gd_scale" or "unit": PEFT's `LoraGAConfig.scale`
         (how the factors are scaled; not the LoRA scale ``s = alpha / r``).
       stable_gamma: γ of the "stable" scale (PEFT's default 16).
+      variant: "peft" (default: PEFT's formulas, below) or "paper" (the paper's and its authors'
+        code's, see the end); `scale` takes that variant's names.
       key: PRNG key of the "random" direction (one per kernel, as `apply`'s).
 
     The math, in this library's orientation (kernel K (I, O) = Wᵀ, gradient G = ∂L/∂K = G_Wᵀ; per
@@ -274,22 +278,28 @@ def lora_ga_init(
       * PEFT falls back to the default LoRA init where a layer has no gradient; this raises.
       * PEFT's LoRA-GA takes nn.Linear and Conv1D layers only; here any kernel with roles (a
         DenseGeneral, a conv) works on its matrix form (I, O).
-    Where PEFT differs from the paper and the authors' code (Outsider565/LoRA-GA), this follows
-    PEFT: there b holds no singular values (B = U[:, i_b]), "stable" multiplies both A and B by
-    d_out^(1/4)/√γ, "random" takes disjoint halves of the permutation for A and B, and the
-    scales are named "gd" and "weightS" (the latter a different rule: both factors times the mean
-    of √σ_i(W)/s over the top r).
+    PEFT differs from the paper (Wang et al., section 3) and its authors' code (Outsider565/LoRA-GA,
+    ``LoraLayer.lora_ga_init``); ``variant="paper"`` follows them instead: b holds no singular
+    values, ``a = P[:, i_a]``, ``b = Q[:, i_b]ᵀ`` (the paper's A₀ = V[:, :r]ᵀ… in its own
+    orientation: orthonormal factors), "random" takes disjoint halves of one permutation of
+    0..2r-1 for i_a and i_b, and the scales are "stable" (both factors times O^(1/4)/√γ — the
+    paper's stable scale), "gd" (both over s), "weightS" (both times the mean of √(σ_i(K)/s) over
+    the top r singular values of the kernel) or "unit". The default stays PEFT's (``"peft"``),
+    the implementation most users compare against; both are tested against float64 oracles.
     """
+    if variant not in ("peft", "paper"):
+        raise ValueError(f"unknown LoRA-GA variant {variant!r}; choose 'peft' or 'paper'")
     if direction not in LORA_GA_DIRECTIONS:
         raise ValueError(f"unknown LoRA-GA direction {direction!r}; choose one of {LORA_GA_DIRECTIONS}")
-    if scale not in LORA_GA_SCALES:
-        raise ValueError(f"unknown LoRA-GA scale {scale!r}; choose one of {LORA_GA_SCALES}")
+    scales = LORA_GA_SCALES if variant == "peft" else LORA_GA_PAPER_SCALES
+    if scale not in scales:
+        raise ValueError(f"unknown LoRA-GA scale {scale!r} for variant {variant!r}; choose one of {scales}")
     if scale == "stable" and not stable_gamma > 0:
         raise ValueError(f"stable_gamma must be > 0, got {stable_gamma!r}")
     return _adapt(params, rank, alpha=alpha, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
                   alpha_pattern=alpha_pattern, layout=layout, rslora=rslora, init="lora-ga",
                   dropout=dropout, adapter_dtype=adapter_dtype, quantize=quantize, dora=dora, key=key,
-                  grads=grads, lora_ga=_LoraGA(direction, scale, float(stable_gamma)))
+                  grads=grads, lora_ga=_LoraGA(direction, scale, float(stable_gamma), variant))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +309,7 @@ class _LoraGA:
     direction: str
     scale: str
     stable_gamma: float
+    variant: str = "peft"
 
 
 def _adapt(params, rank, *, alpha, targets, exclude, rank_pattern, alpha_pattern, layout, rslora,
@@ -459,7 +470,10 @@ def _lora_ga_matrices(g, m, r, lora_scale, opts: _LoraGA, key):
     a (n, I, r), b (n, r, O), one SVD per batch element (see `lora_ga_init` for the math)."""
     p, s, qt = jnp.linalg.svd(g, full_matrices=False)  # g = P diag(s) Qᵀ; PEFT's U = Q, Vh = Pᵀ
     n = g.shape[0]
-    if opts.direction == "random":  # PEFT: indices = randperm(2r)[:r], the same for A and B
+    if opts.direction == "random" and opts.variant == "paper":  # the authors: disjoint halves of a permutation
+        perm = jax.vmap(lambda k: jax.random.permutation(k, 2 * r))(jax.random.split(key, n))
+        ia, ib = perm[:, :r], perm[:, r:]
+    elif opts.direction == "random":  # PEFT: indices = randperm(2r)[:r], the same for A and B
         idx = jax.vmap(lambda k: jax.random.permutation(k, 2 * r)[:r])(jax.random.split(key, n))
         ia = ib = idx
     else:
@@ -468,6 +482,8 @@ def _lora_ga_matrices(g, m, r, lora_scale, opts: _LoraGA, key):
                   "ArBr": (np.arange(1, 2 * r, 2), np.arange(0, 2 * r, 2))}[opts.direction]
         ia, ib = (jnp.broadcast_to(jnp.asarray(x), (n, r)) for x in (ia, ib))
     a = jnp.take_along_axis(p, ia[:, None, :], axis=2)  # A = Vh[ia] → a = P[:, ia]
+    if opts.variant == "paper":
+        return _paper_scaled(a, jnp.take_along_axis(qt, ib[:, :, None], axis=1), g, m, r, lora_scale, opts)
     s_b = jnp.take_along_axis(s, ib, axis=1)  # (n, r)
     b = s_b[:, :, None] * jnp.take_along_axis(qt, ib[:, :, None], axis=1)  # B = U[:, ib] diag(s_b)
     if opts.scale == "stable":  # PEFT: out_features ** 0.25 / stable_gamma ** 0.5, on B only
@@ -479,4 +495,19 @@ def _lora_ga_matrices(g, m, r, lora_scale, opts: _LoraGA, key):
         b = b * factor[:, None, None]
     elif opts.scale == "gd_scale":  # PEFT: A / scaling, B / scaling
         a, b = a / lora_scale, b / lora_scale
+    return a, b
+
+
+def _paper_scaled(a, b, g, m, r, lora_scale, opts: _LoraGA):
+    """The paper's (and its authors' code's) scales of a = P[:, i_a], b = Q[:, i_b]ᵀ (orthonormal,
+    no singular values): "stable" both times O^(1/4)/√γ, "gd" both over s, "weightS" both times
+    the mean of √(σ_i(K)/s) over the top r, "unit" neither."""
+    if opts.scale == "stable":
+        c = g.shape[2] ** 0.25 / opts.stable_gamma ** 0.5
+        return a * c, b * c
+    if opts.scale == "gd":
+        return a / lora_scale, b / lora_scale
+    if opts.scale == "weightS":
+        c = jnp.mean(jnp.sqrt(jnp.linalg.svd(m, compute_uv=False)[:, :r] / lora_scale), axis=1)
+        return a * c[:, None, None], b * c[:, None, None]
     return a, b

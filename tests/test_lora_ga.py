@@ -1,5 +1,6 @@
-"""`lora_ga_init` against a float64 NumPy oracle of PEFT's `LoraLayer.lora_ga_init`, written in
-PEFT's orientation (W = Kᵀ (out, in), A (r, in), B (out, r)), plus start-at-base and errors."""
+"""`lora_ga_init` against float64 NumPy oracles of PEFT's `LoraLayer.lora_ga_init` and (variant
+"paper") of the authors' one, written in their orientation (W = Kᵀ (out, in), A (r, in), B (out, r)),
+plus start-at-base and errors."""
 
 import flax.linen as nn
 import jax
@@ -228,3 +229,67 @@ def test_bad_options_are_errors():
         lora_jax.lora_ga_init(params, grads, stable_gamma=0)
     with pytest.raises(ValueError, match="lora_ga_init"):
         lora_jax.apply(params, init="lora-ga")
+
+
+PAPER_SCALES = ("stable", "gd", "unit", "weightS")
+
+
+def paper_factors(k, g, r, lora_scale, direction, scale, gamma=16.0, ia=None, ib=None):
+    """The authors' lora_ga_init (Outsider565/LoRA-GA, the paper's formulas) in float64, their
+    orientation: A (r, in) = rows of Vh, B (out, r) = columns of U, no singular values."""
+    w, grad = np.asarray(k, np.float64).T, np.asarray(g, np.float64).T
+    u, s, vh = np.linalg.svd(grad, full_matrices=False)
+    ia, ib = {"ArBr": (np.arange(1, 2 * r, 2), np.arange(0, 2 * r, 2)),
+              "A2rBr": (np.arange(r, 2 * r), np.arange(r)),
+              "ArB2r": (np.arange(r), np.arange(r, 2 * r))}.get(direction, (ia, ib))
+    a, b = vh[ia], u[:, ib]
+    if scale == "gd":
+        a, b = a / lora_scale, b / lora_scale
+    elif scale == "stable":
+        c = w.shape[0] ** 0.25 / gamma ** 0.5
+        a, b = a * c, b * c
+    elif scale == "weightS":
+        c = np.sqrt(np.linalg.svd(w, compute_uv=False)[:r] / lora_scale).mean()
+        a, b = a * c, b * c
+    return a, b
+
+
+@pytest.mark.parametrize("scale", PAPER_SCALES)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("shape", [(12, 20), (20, 7)])
+def test_paper_variant_matches_the_authors_formulas(shape, direction, scale):
+    """variant="paper": a, b and the offset w against a float64 oracle of the authors' code; b's
+    rows are orthonormal up to the scale (no singular values in b); "random" draws disjoint index
+    halves."""
+    k, g = regression_problem(shape, seed=3 * sum(shape))
+    r, alpha = 3, 5.0
+    node = lora_jax.lora_ga_init({"lin": {"kernel": jnp.asarray(k)}}, {"lin": {"kernel": jnp.asarray(g)}},
+                                 rank=r, alpha=alpha, direction=direction, scale=scale, variant="paper",
+                                 key=jax.random.key(7))["lin"]["kernel"]
+    s = alpha / r
+    ia = ib = None
+    if direction == "random":
+        ia = random_indices(node.a, g, r)
+        q = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)[2][:2 * r]  # rows: right vectors
+        bn = np.asarray(node.b, np.float64)
+        ib = np.abs(q @ (bn / np.linalg.norm(bn, axis=1, keepdims=True)).T).argmax(axis=0)
+        assert set(ia).isdisjoint(ib) and len(set(ia) | set(ib)) == 2 * r
+    big_a, big_b = paper_factors(k, g, r, s, direction, scale, ia=ia, ib=ib)
+    a64, b64 = np.asarray(node.a, np.float64), np.asarray(node.b, np.float64)
+    big_a = np.sign(np.sum(a64 * big_a.T, axis=0))[:, None] * big_a
+    big_b = big_b * np.sign(np.sum(b64 * big_b.T, axis=1))[None, :]
+    assert rel_err(node.a, big_a.T) <= 1e-5 and rel_err(node.b, big_b.T) <= 1e-5
+    assert rel_err(node.w, (np.asarray(k, np.float64).T - s * big_b @ big_a).T) <= 1e-5
+    gram = b64 @ b64.T
+    np.testing.assert_allclose(gram, gram[0, 0] * np.eye(r), atol=1e-5 * gram[0, 0])
+
+
+def test_variant_and_its_scale_names_are_checked():
+    k, g = regression_problem((8, 6), seed=1)
+    p, gr = {"lin": {"kernel": jnp.asarray(k)}}, {"lin": {"kernel": jnp.asarray(g)}}
+    with pytest.raises(ValueError, match="unknown LoRA-GA variant 'authors'"):
+        lora_jax.lora_ga_init(p, gr, rank=2, variant="authors")
+    with pytest.raises(ValueError, match="scale 'gd_scale' for variant 'paper'"):
+        lora_jax.lora_ga_init(p, gr, rank=2, variant="paper", scale="gd_scale")
+    with pytest.raises(ValueError, match="scale 'weightS' for variant 'peft'"):
+        lora_jax.lora_ga_init(p, gr, rank=2, scale="weightS")
