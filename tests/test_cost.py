@@ -128,3 +128,20 @@ def test_scan_stack_with_plain_dense_attention_flops_with_layout_of():
     ratio = lora.cost_analysis()["flops"] / full.cost_analysis()["flops"]
     print(f"scan, plain Dense q/k/v/o: LoRA/full step FLOPs = {ratio:.4f}")
     assert 0.6 < ratio <= 0.72
+
+
+def test_dora_step_flops_at_most_105_of_lora(steps):
+    """DoRA's train step on the benchmark transformer: its weight norms come from ‖w_j‖², aᵀw and
+    aᵀa (never W + s·a@b), so its XLA FLOPs stay within 5% of the LoRA step's (issue 20's bound),
+    and it computes no value of a frozen kernel's shape either (as the LoRA step)."""
+    scan, (model, params, _, _, x, y, _, lora) = steps
+    trainable, frozen = lora_jax.split(T.adapt(model, params, x, rank=8, dora=True))
+    dora = jax.jit(T.lora_step(model)).lower(trainable, frozen, x, y).compile()
+    ratio = dora.cost_analysis()["flops"] / lora.cost_analysis()["flops"]
+    print(f"scan={scan}: DoRA/LoRA step FLOPs = {ratio:.4f}")
+    assert 1.0 < ratio <= 1.05
+    kernels = {tuple(n.w.shape) for n in jax.tree.leaves(frozen, is_leaf=lora_jax.is_lora) if lora_jax.is_lora(n)}
+    kernels |= {k[1:] for k in kernels} if scan else set()
+    jaxpr = jax.make_jaxpr(T.lora_step(model))(trainable, frozen, x, y).jaxpr
+    hits = [(p, s) for p, s in _eqn_shapes(jaxpr) if s in kernels]
+    assert not hits, f"DoRA ops producing frozen-kernel-shaped values: {hits[:5]}"
