@@ -124,7 +124,7 @@ def test_unknown_dataset_and_method_list_choices(capsys):
     err = capsys.readouterr().err
     assert "imdb" in err and "lora_jax_movie_reviews" in err and "glue/sst2" in err
     with pytest.raises(SystemExit):
-        main(["--method", "dora"])
+        main(["--method", "vera"])
     err = capsys.readouterr().err
     assert "lora-pro-adamw" in err and "probe" in err
 

@@ -265,9 +265,10 @@ def test_a_dead_process_stops_the_other_and_the_last_checkpoint_survives(tiny, t
     print(f"process 0 stopped {waited:.1f} s after process 1 was killed, exit status {procs[0].returncode}")
     assert procs[0].returncode != 0
     # JAX's coordination service reports the silent peer; if process 0 was inside a collective when
-    # its peer vanished, gloo may report the broken connection first
-    said = [m for m in ("stopped sending heartbeats", "another task died", "Connection closed by peer")
-            if m in log]
+    # its peer vanished, gloo may report the broken connection first, or (peer killed mid-send, seen
+    # once under heavy load) the truncated message it was reading
+    said = [m for m in ("stopped sending heartbeats", "another task died", "Connection closed by peer",
+                        "Received data size doesn't match expected size") if m in log]
     print("process 0 said:", said, "| last line:", log.strip().splitlines()[-1][:300] if log.strip() else "")
     assert said, log[-3000:]
     restored = _restore(tmp_path / "dies", _argv(tiny, tmp_path, "lora-pro", "dies"), 1, tmp_path / "d.npz")
