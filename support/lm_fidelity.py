@@ -30,9 +30,14 @@ def run_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr:g}-s{seed}"
 
 
+def preference(summary: dict) -> tuple:
+    """A run's rank in its lr grid: the higher val_acc, ties to the lower val_loss."""
+    return summary["val_acc"], -summary["val_loss"]
+
+
 def choose(runs: dict[int, dict]) -> int:
-    """The grid index k with the highest val_acc (ties: the lower val_loss)."""
-    return max(runs, key=lambda k: (runs[k]["val_acc"], -runs[k]["val_loss"]))
+    """The grid index k of the preferred run (`preference`)."""
+    return max(runs, key=lambda k: preference(runs[k]))
 
 
 def run_args(a, method: str, lr: float, seed: int, *, eval_base: bool = False) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from support.lm_fidelity import preference
 from support.runs import load_runs, mean_std, write_section
 from train.metrics import read_metrics
 
@@ -30,11 +31,6 @@ LABEL = {"full": "full fine-tuning", "lora": "LoRA r=8", "lora-pro": "LoRA-Pro e
 BOOTSTRAP = 4000
 
 
-def _chosen(grid: list[dict]) -> dict:
-    """The grid run with the highest val_acc (ties: the lower val_loss), as `support.lm_fidelity.choose`."""
-    return max(grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
-
-
 def collect(out: Path, methods) -> dict:
     """Per method: its seed-0 grid runs (by lr), the chosen lr and the runs at it (by seed)."""
     runs = [r for r in load_runs(out) if r.get("method") in methods]
@@ -43,7 +39,7 @@ def collect(out: Path, methods) -> dict:
         grid = sorted((r for r in runs if r["method"] == m and r["seed"] == 0 and "val_acc" in r), key=lambda r: r["lr"])
         if not grid:
             continue
-        best = _chosen(grid)
+        best = max(grid, key=preference)
         at = sorted((r for r in runs if r["method"] == m and r["lr"] == best["lr"]), key=lambda r: r["seed"])
         per[m] = {"grid": grid, "chosen": best, "seeds": at,
                   "inside": grid[0]["lr"] < best["lr"] < grid[-1]["lr"]}
