@@ -13,7 +13,14 @@ Methods (``--method``):
 * ``lora-pro-adamw``: LoRA-Pro Algorithm 2 (`lora_jax.lora_pro_adamw`: full-shape Adam moments
   per adapted weight; the head gets plain AdamW inside it);
 * ``dora``: DoRA (`lora_jax.apply(..., dora=True)`: a trained magnitude per output unit), AdamW on
-  a, b, m and the head (``--export-peft`` does not write DoRA adapters yet).
+  a, b, m and the head (``--export-peft`` does not write DoRA adapters yet);
+* ``lora-plus``: LoRA+ (`lora_jax.loraplus`: AdamW, b's steps ``--loraplus-ratio`` times a's);
+* ``riemannian``: the r×r Riemannian preconditioner before AdamW (`lora_jax.riemannian`).
+
+Adapters start as ``--init`` says (``lora``: PEFT's default, ``gaussian``, ``pissa``, ``olora``, or
+``lora-ga``: from the mean full gradient over the first ``--ga-batches`` training batches,
+`lora_jax.lora_ga_init`), scaled α/r, or α/√r with ``--rslora`` (rsLoRA). LoRA-GA's init is
+recomputed on ``--resume`` and must come out the same (its sha256 is part of the run's config).
 
 LoRA methods differentiate only the trainable half (`lora_jax.split`) and run the forward with
 `lora_jax.wrap` (factored products, no full-weight gradients). Learning rate: linear warmup
@@ -111,7 +118,7 @@ def export_peft(args, setup: Setup, tr, fr, model_dir) -> Path:
     tree = jax.tree.map(to_host, lora_jax.combine(tr, fr))
     out = Path(args.export_peft)
     if is_primary():
-        out = peft_format.export_peft(args.export_peft, tree, setup.model.config,
+        out = peft_format.export_peft(args.export_peft, tree, setup.model.config, rslora=args.rslora,
                                       base_model_name_or_path=str(model_dir))
         print(f"PEFT adapter written to {out}", file=sys.stderr)
     return out
@@ -131,13 +138,13 @@ class Classify(Task):
     models = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (fetched from the package registry into the "
                         "lora_jax cache by train.assets.minilm_dir)"}
     checkpoint_help = "a local HF model directory (config.json, model.safetensors, tokenizer.json or vocab.txt)"
-    methods = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw", "dora")
+    methods = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw", "dora", "lora-plus", "riemannian")
     # learning rates used when --lr is not given (see bench/RESULTS.md for how they were chosen)
     default_lr = {"probe": 3e-3, "full": 5e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3,
-                  "dora": 1e-3}
+                  "dora": 1e-3, "lora-plus": 1e-3, "riemannian": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
-    trajectory = ("model", "dataset", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr",
-                  "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "pooling",
+    trajectory = ("model", "dataset", "method", "rank", "alpha", "targets", "init", "ga_batches", "rslora",
+                  "loraplus_ratio", "steps", "batch_size", "lr", "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "pooling",
                   "dropout", "lora_dropout", "data_dir", "dtype")
     model_key = "model_dir"
     batch_keys = KEYS
@@ -172,6 +179,10 @@ class Classify(Task):
         if args.export_peft is not None and args.method == "dora":
             raise ConfigError("--export-peft does not write DoRA adapters yet (PEFT's use_dora with "
                               "lora_magnitude_vector); train with --method lora, lora-pro or lora-pro-adamw to export")
+        if args.export_peft is not None and args.init in ("pissa", "olora", "lora-ga"):
+            raise ConfigError(f"--export-peft: --init {args.init} trains against an offset base kernel "
+                              f"(w − s·a₀b₀), so its adapters are not a LoRA of the original model; "
+                              f"export from a run with --init lora or gaussian")
         if args.export_peft is not None and args.method not in LORA_METHODS:
             raise ConfigError(f"--export-peft writes LoRA adapters; --method {args.method} trains none "
                               f"(use one of {', '.join(LORA_METHODS)})")
