@@ -38,7 +38,8 @@ Outputs in ``--out/<name>/`` (name: ``<method>-s<seed>`` unless ``--name``):
 * ``ckpt/<step>/``: orbax checkpoints every ``--ckpt-every`` steps and at the end (`train.checkpoint`):
   for LoRA methods and the probe only the trainable half (adapters + head) and the optimizer
   state; the checkpoint size is printed and recorded against the full model's parameter bytes;
-* ``summary.json``: final metrics; and ``--out/loss.png``, the loss curves of every run in ``--out``.
+* ``summary.json``: final metrics (with ``--val-limit``: ``val_acc``, ``val_loss`` on training
+  examples held back from training, for choosing settings); and ``--out/loss.png``, the loss curves of every run in ``--out``.
 
 ``--resume`` restores the latest finalized checkpoint, drops the metrics logged after it and
 continues; a damaged checkpoint is refused with `train.checkpoint.CheckpointError`.
@@ -129,6 +130,7 @@ class Data:
     train: dict
     evald: dict
     train_eval: dict | None  # the first --train-eval-limit training examples
+    val: dict | None = None  # --val-limit: the training-split examples after the --train-limit ones
 
 
 class Classify(Task):
@@ -164,6 +166,10 @@ class Classify(Task):
         p.add_argument("--max-len", type=int, default=64)
         p.add_argument("--train-eval-limit", type=int, default=0,
                        help="also report the loss (no dropout) on the first N training examples at each eval")
+        p.add_argument("--val-limit", type=int, default=0,
+                       help="also report at the end val_acc/val_loss on the N training-split examples that "
+                            "follow the --train-limit ones (never trained on): for choosing settings without "
+                            "the held-out split; needs --train-limit")
         p.add_argument("--eval-batch-size", type=int, default=256)
         p.add_argument("--export-peft", default=None, metavar="DIR",
                        help="after training, write the adapters (and the head, as modules_to_save) as a PEFT "
@@ -176,6 +182,11 @@ class Classify(Task):
                             "numerical checks, e.g. that a mesh run matches one device")
 
     def check_args(self, args) -> None:
+        if args.val_limit < 0:
+            raise ConfigError(f"--val-limit {args.val_limit} must be >= 0")
+        if args.val_limit and args.train_limit is None:
+            raise ConfigError("--val-limit takes the training examples after the first --train-limit ones: "
+                              "give --train-limit too")
         if args.export_peft is not None and args.method == "dora":
             raise ConfigError("--export-peft does not write DoRA adapters yet (PEFT's use_dora with "
                               "lora_magnitude_vector); train with --method lora, lora-pro or lora-pro-adamw to export")
@@ -235,10 +246,16 @@ class Classify(Task):
 
     def load_data(self, job: Job) -> Data:
         args, spec = job.args, DATASETS[job.args.dataset]
-        train = load_split(job.path, args.dataset, spec.train_split, args.max_len, args.data_dir, args.train_limit)
+        limit = None if args.train_limit is None else args.train_limit + args.val_limit
+        rows = load_split(job.path, args.dataset, spec.train_split, args.max_len, args.data_dir, limit)
+        train = {k: v[:args.train_limit] for k, v in rows.items()}
+        val = {k: v[args.train_limit:] for k, v in rows.items()} if args.val_limit else None
+        if val is not None and len(val["label"]) < args.val_limit:
+            raise ConfigError(f"--val-limit {args.val_limit}: the training split has only {len(val['label'])} "
+                              f"examples after the first --train-limit {args.train_limit}")
         evald = load_split(job.path, args.dataset, spec.eval_split, args.max_len, args.data_dir, args.eval_limit)
         train_eval = {k: v[:args.train_eval_limit] for k, v in train.items()} if args.train_eval_limit else None
-        return Data(train, evald, train_eval)
+        return Data(train, evald, train_eval, val)
 
     def loss(self, forward, params, batch, key):
         logits = forward({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -271,6 +288,10 @@ class Classify(Task):
     def after_training(self, job: Job, result) -> dict:
         fields = {"train_eval_loss": result.final.get("train_eval_loss"),
                   "eval_examples": int(len(job.data.evald["label"])), "layout": job.par.describe()}
+        if job.data.val is not None:
+            acc, loss = accuracy_and_loss(job.eval_step, result.tr, job.setup.frozen, job.data.val,
+                                          job.args.eval_batch_size, job.par.eval_batch)
+            fields.update(val_acc=acc, val_loss=loss, val_examples=int(len(job.data.val["label"])))
         if job.args.export_peft is not None:
             fields["peft_dir"] = str(export_peft(job.args, job.setup, result.tr, job.setup.frozen, job.path))
         return fields
