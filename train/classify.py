@@ -13,7 +13,7 @@ Methods (``--method``):
 * ``lora-pro-adamw``: LoRA-Pro Algorithm 2 (`lora_jax.lora_pro_adamw`: full-shape Adam moments
   per adapted weight; the head gets plain AdamW inside it);
 * ``dora``: DoRA (`lora_jax.apply(..., dora=True)`: a trained magnitude per output unit), AdamW on
-  a, b, m and the head (``--export-peft`` does not write DoRA adapters yet);
+  a, b, m and the head (``--export-peft`` writes PEFT's ``use_dora`` adapters);
 * ``lora-plus``: LoRA+ (`lora_jax.loraplus`: AdamW, b's steps ``--loraplus-ratio`` times a's);
 * ``riemannian``: the r×r Riemannian preconditioner before AdamW (`lora_jax.riemannian`).
 
@@ -187,14 +187,14 @@ class Classify(Task):
         if args.val_limit and args.train_limit is None:
             raise ConfigError("--val-limit takes the training examples after the first --train-limit ones: "
                               "give --train-limit too")
-        if args.export_peft is not None and args.method == "dora":
-            raise ConfigError("--export-peft does not write DoRA adapters yet (PEFT's use_dora with "
-                              "lora_magnitude_vector); train with --method lora, lora-pro or lora-pro-adamw to export")
+        if args.export_peft is not None and args.method == "dora" and args.lora_dropout:
+            raise ConfigError("--export-peft --method dora: PEFT applies LoRA dropout to DoRA's scaled part "
+                              "differently (lora_jax.apply's dora), so train with --lora-dropout 0 to export")
         if args.export_peft is not None and args.init in ("pissa", "olora", "lora-ga"):
             raise ConfigError(f"--export-peft: --init {args.init} trains against an offset base kernel "
                               f"(w − s·a₀b₀), so its adapters are not a LoRA of the original model; "
                               f"export from a run with --init lora or gaussian")
-        if args.export_peft is not None and args.method not in LORA_METHODS:
+        if args.export_peft is not None and args.method not in (*LORA_METHODS, "dora"):
             raise ConfigError(f"--export-peft writes LoRA adapters; --method {args.method} trains none "
                               f"(use one of {', '.join(LORA_METHODS)})")
 
