@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from support.lm_fidelity import preference
+from support.lr_grid import preference
 from support.runs import load_runs, mean_std, write_section
 from train.metrics import read_metrics
 

@@ -124,14 +124,17 @@ class Case:
     rank: int
     alpha: float
     files: dict        # state, inputs, adapter (paths), hf_config (dict)
+    dora: bool = False  # DoRA nodes (the worker builds PEFT's use_dora model)
 
 
 def make_case(kind: str, workdir: Path, *, batch: int = 16, seq: int = 64, rank: int = 8,
               alpha: float = 16.0, num_labels: int = 2, seed: int = 0, b_scale: float = 0.02,
-              config_overrides: dict | None = None) -> Case:
+              config_overrides: dict | None = None, dora: bool = False) -> Case:
     """`kind`: "minilm" (real weights), "bert-base" (BERT-base shape, random), or "tiny" (2 layers,
     hidden 32, random). Pooling "pooler" (HF's BertForSequenceClassification head), dropout 0.
-    Adapters: lora_jax.apply's init for ``a``, then ``b ~ b_scale·N(0, 1)`` (0: b = 0, PEFT's init)."""
+    Adapters: lora_jax.apply's init for ``a``, then ``b ~ b_scale·N(0, 1)`` (0: b = 0, PEFT's init).
+    `dora`: DoRA nodes, ``m`` left at ``‖w‖`` (so with b ≠ 0 the magnitude is not the norm of the
+    adapted weight, and the scale m/‖w + s·a@b‖ is exercised); the worker then needs ``dora=True``."""
     import jax
     import jax.numpy as jnp
     from safetensors.numpy import save_file
@@ -170,13 +173,13 @@ def make_case(kind: str, workdir: Path, *, batch: int = 16, seq: int = 64, rank:
         leaves, tdef = jax.tree_util.tree_flatten_with_path(params)
         ks = jax.random.split(jax.random.fold_in(key, 5), len(leaves))
         params = jax.tree_util.tree_unflatten(tdef, [fix(p, x, k) for (p, x), k in zip(leaves, ks)])
-    adapted = lora_jax.apply(params, rank, alpha=alpha, targets=bert.LORA_TARGETS,
+    adapted = lora_jax.apply(params, rank, alpha=alpha, targets=bert.LORA_TARGETS, dora=dora,
                              key=jax.random.fold_in(key, 1))
     if b_scale:
         leaves, tdef = jax.tree_util.tree_flatten(adapted, is_leaf=lora_jax.is_lora)
         ks = jax.random.split(jax.random.fold_in(key, 2), len(leaves))
         leaves = [lora_jax.LoRA(w=n.w, a=n.a, b=b_scale * jax.random.normal(k, n.b.shape, n.b.dtype),
-                                scale=n.scale, roles=n.roles, dropout=n.dropout)
+                                scale=n.scale, roles=n.roles, dropout=n.dropout, m=n.m)
                   if lora_jax.is_lora(n) else n for n, k in zip(leaves, ks)]
         adapted = jax.tree_util.tree_unflatten(tdef, leaves)
     rng = np.random.default_rng(seed)
@@ -194,14 +197,14 @@ def make_case(kind: str, workdir: Path, *, batch: int = 16, seq: int = 64, rank:
     np.savez(files["inputs"], **data)
     tensors, found = peft_format.adapter_tensors(adapted, config)
     save_file(tensors, files["adapter"])
-    return Case(config, model, params, adapted, data, sorted(found), rank, alpha, files)
+    return Case(config, model, params, adapted, data, sorted(found), rank, alpha, files, dora)
 
 
 def worker_spec(case: Case, job: str, out: Path, **extra) -> dict:
     spec = {"job": job, "hf_config": case.files["hf_config"], "state": case.files["state"],
             "inputs": case.files["inputs"], "adapter": case.files["adapter"], "r": case.rank,
             "alpha": case.alpha, "target_modules": case.modules, "out": str(out),
-            "num_labels": case.files["hf_config"]["num_labels"]}
+            "num_labels": case.files["hf_config"]["num_labels"], "dora": case.dora}
     spec.update(extra)
     return spec
 
@@ -311,7 +314,8 @@ def as_float64(case: Case) -> Case:
 
     adapted = jax.tree.map(
         lambda n: lora_jax.LoRA(w=cast(n.w), a=cast(n.a), b=cast(n.b), scale=n.scale, roles=n.roles,
-                                dropout=n.dropout) if lora_jax.is_lora(n) else cast(n),
+                                dropout=n.dropout, m=None if n.m is None else cast(n.m))
+        if lora_jax.is_lora(n) else cast(n),
         case.adapted, is_leaf=lora_jax.is_lora)
     return dataclasses.replace(case, model=Float64Classifier(case.config), params=cast(case.params),
                                adapted=adapted)

@@ -88,20 +88,26 @@ def peft_model(model, spec, adapter=None):
 
     cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=spec["target_modules"],
                      lora_dropout=0.0, task_type="SEQ_CLS", modules_to_save=["classifier"],
-                     use_rslora=spec.get("rslora", False))
+                     use_rslora=spec.get("rslora", False), use_dora=spec.get("dora", False))
     pm = get_peft_model(model, cfg)
     if adapter is not None:
         from safetensors.torch import load_file
 
         tensors = load_file(adapter)
         res = set_peft_model_state_dict(pm, tensors)
+        if spec.get("dora"):  # every magnitude must have been set (PEFT would keep its own ‖W‖ silently)
+            have = sum(1 for k in tensors if k.endswith(".lora_magnitude_vector"))
+            want_m = sum(1 for k in pm.state_dict() if ".lora_magnitude_vector." in k)
+            if have != want_m:
+                raise SystemExit(f"adapter has {have} DoRA magnitudes, the PEFT model {want_m}")
         bad = [k for k in res.unexpected_keys]
         if bad:
             raise SystemExit(f"adapter keys PEFT did not take: {bad[:5]}")
         # every lora_A/lora_B must have been set
         want = {k for k in pm.state_dict() if ".lora_A." in k or ".lora_B." in k}
-        if len(want) != sum(1 for k in tensors if ".lora_" in k):
-            raise SystemExit(f"adapter has {sum(1 for k in tensors if '.lora_' in k)} LoRA tensors, "
+        n_ab = sum(1 for k in tensors if ".lora_A." in k or ".lora_B." in k)
+        if len(want) != n_ab:
+            raise SystemExit(f"adapter has {n_ab} LoRA tensors, "
                              f"the PEFT model {len(want)}")
     pm.eval()
     return pm

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import lora_jax
+from support import lr_grid
 from helpers import randomize_adapters
 
 # ------------------------------------------------------------------------------------------ clipping
@@ -116,11 +117,11 @@ def test_grid_is_extended_until_the_choice_is_inside(tmp_path, monkeypatch):
     a = lm_sweep.parse_args(["--out", str(tmp_path / "runs"), "--methods", "full", "lora"])
     chosen = lm_sweep.sweep(a)
     assert chosen == {"full": -9, "lora": -3}
-    assert sorted(lr for m, lr, s in made if m == "lora" and s == 0) == [lm_sweep.lr_of(k) for k in range(-8, -1)]
-    assert sorted(lr for m, lr, s in made if m == "full" and s == 0) == [lm_sweep.lr_of(k) for k in (-10, -9, -8, -7)]
+    assert sorted(lr for m, lr, s in made if m == "lora" and s == 0) == [lr_grid.lr_of(k) for k in range(-8, -1)]
+    assert sorted(lr for m, lr, s in made if m == "full" and s == 0) == [lr_grid.lr_of(k) for k in (-10, -9, -8, -7)]
     assert sorted((m, lr, s) for m, lr, s in made if s != 0) == [
-        ("full", lm_sweep.lr_of(-9), 1), ("full", lm_sweep.lr_of(-9), 2),
-        ("lora", lm_sweep.lr_of(-3), 1), ("lora", lm_sweep.lr_of(-3), 2)]
+        ("full", lr_grid.lr_of(-9), 1), ("full", lr_grid.lr_of(-9), 2),
+        ("lora", lr_grid.lr_of(-3), 1), ("lora", lr_grid.lr_of(-3), 2)]
     assert len(made) == len(set(made))
     before = len(made)
     assert lm_sweep.sweep(a) == chosen and len(made) == before  # a second call finds every run done
@@ -129,13 +130,13 @@ def test_grid_is_extended_until_the_choice_is_inside(tmp_path, monkeypatch):
 def test_lr_grid_values_and_names():
     from support import lm_fidelity as lm_sweep
 
-    assert [lm_sweep.lr_of(k) for k in (-8, -7, -6, -5)] == [1e-4, 3.16e-4, 1e-3, 3.16e-3]
+    assert [lr_grid.lr_of(k) for k in (-8, -7, -6, -5)] == [1e-4, 3.16e-4, 1e-3, 3.16e-3]
     for m, ks in lm_sweep.GRIDS.items():
-        lrs = [lm_sweep.lr_of(k) for k in ks]
+        lrs = [lr_grid.lr_of(k) for k in ks]
         assert len(lrs) >= 4 and np.log10(lrs[-1] / lrs[0]) >= 1.5 - 1e-3, m
-    assert lm_sweep.run_name("lora", 3.16e-4, 2) == "lora-lr0.000316-s2"
+    assert lr_grid.run_name("lora", 3.16e-4, 2) == "lora-lr0.000316-s2"
     runs = {-7: {"val_acc": 0.5, "val_loss": 0.2}, -6: {"val_acc": 0.5, "val_loss": 0.1}, -5: {"val_acc": 0.4, "val_loss": 0.0}}
-    assert lm_sweep.choose(runs) == -6  # a tie on val_acc goes to the lower val_loss
+    assert lr_grid.choose(runs) == -6  # a tie on val_acc goes to the lower val_loss
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -180,8 +181,8 @@ def test_report_writes_the_json_plot_and_section(tmp_path, monkeypatch):
         assert len(d["lr_grid"]) >= 4 and d["lr_grid"][0] < d["chosen_lr"] < d["lr_grid"][-1]
         assert [s["seed"] for s in d["seeds"]] == [0, 1, 2]
         assert {"seed", "eval_acc", "eval_loss", "train_loss"} <= set(d["seeds"][0])
-    assert js["methods"]["full"]["chosen_lr"] == lm_sweep.lr_of(-8)
-    assert js["methods"]["lora-pro-adamw"]["chosen_lr"] == lm_sweep.lr_of(-9)
+    assert js["methods"]["full"]["chosen_lr"] == lr_grid.lr_of(-8)
+    assert js["methods"]["lora-pro-adamw"]["chosen_lr"] == lr_grid.lr_of(-9)
     # the gap closure against the runs' own samples
     acc = {m: np.mean([[json.loads(x)["correct"] for x in Path(r["run_dir"], "samples.jsonl").read_text().splitlines()]
                        for r in lm_report.collect(Path(a.out), [m])[m]["seeds"]]) for m in js["methods"]}

@@ -85,6 +85,14 @@ SHARDINGS = textwrap.dedent(r"""
         node = adapted[k]
         assert node.a.sharding.spec == sa and node.b.sharding.spec == sb, (k, node.a.sharding, node.b.sharding)
         assert node.w.sharding == params[k].sharding  # w untouched
+    # DoRA's magnitudes (w's batch and out axes) are split like w's output axes
+    dora = lora_jax.apply(params, 2, layout=layout, init="gaussian", key=jax.random.key(1), dora=True)
+    mags = {"dense": P(None), "stack": P(None, "fsdp"), "query": P(None, None), "out": P("fsdp")}
+    for k, spec in mags.items():
+        m = dora[k].m
+        pad = lambda sp: tuple(sp) + (None,) * (m.ndim - len(sp))
+        assert pad(m.sharding.spec) == pad(spec), (k, m.sharding)
+        np.testing.assert_allclose(m, np.asarray(dora[k].weight_norm()), rtol=1e-6)
     # give b nonzero values so merge has something to add
     adapted = {k: lora_jax.LoRA(w=n.w, a=n.a, b=n.b + 0.1, scale=n.scale, roles=n.roles) for k, n in adapted.items()}
     tr, fr = lora_jax.split(adapted)
@@ -133,7 +141,7 @@ SHARDINGS = textwrap.dedent(r"""
 
 
 def test_library_keeps_shardings():
-    """apply creates factors split like their weight (every role layout, stacked axes too); split,
+    """apply creates factors (and DoRA magnitudes) split like their weight (every role layout, stacked axes too); split,
     combine and merge keep shardings; LoRA-Pro AdamW's moments are split like w; jitted LoRA-Pro
     steps (both modes) keep every sharding and all-gather a frozen weight only for its own product."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

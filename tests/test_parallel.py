@@ -89,14 +89,15 @@ LAYOUTS = {"one": [], "data8": ["--mesh", "data=8"], "data4fsdp2": ["--mesh", "d
 
 
 FAST = [("lora-pro", "one"), ("lora-pro", "data8"), ("lora-pro", "pmap"),
-        ("lora-pro-adamw", "one"), ("lora-pro-adamw", "data4fsdp2")]
+        ("lora-pro-adamw", "one"), ("lora-pro-adamw", "data4fsdp2"),
+        ("dora", "one"), ("dora", "fsdp8")]  # DoRA's magnitudes m placed from their sharded kernels
 EVERY = [(m, name) for m in ("lora-pro", "lora-pro-adamw") for name in LAYOUTS]
 
 
 @pytest.mark.parametrize("runs", [pytest.param(FAST, id="some"),
                                   pytest.param(EVERY, id="every", marks=pytest.mark.slow)])
 def test_layouts_on_8_devices_match_one_device(tiny, tmp_path, runs):
-    """LoRA-Pro (both modes): data parallel, FSDP and pmap give one device's parameters (≤ 1e-5)."""
+    """LoRA-Pro (both modes) and DoRA: data parallel, FSDP and pmap give one device's parameters (≤ 1e-5)."""
     code = textwrap.dedent(f"""
         import jax
         from train import classify

@@ -112,6 +112,31 @@ def test_forward_logits_match_transformers(case, tmp_path):
     _forward_check(case, tmp_path, 1e-5)
 
 
+@pytest.fixture(scope="module")
+def dora_case(tmp_path_factory):
+    if PY is None:
+        pytest.skip("no peers venv")
+    return peers.make_case("tiny", tmp_path_factory.mktemp("peers_dora"), batch=4, seq=16, b_scale=0.1, dora=True)
+
+
+@needs_peers
+def test_dora_logits_match_peft_use_dora(dora_case, tmp_path):
+    """Our factored DoRA forward (and the merged W') against PEFT's ``use_dora=True`` model."""
+    _forward_check(dora_case, tmp_path, 1e-5)
+
+
+@needs_peers
+def test_dora_adamw_steps_match_peft_use_dora(dora_case, tmp_path):
+    """One and two AdamW steps of a, b, m (and the head) against PEFT's DoRA + torch AdamW: both treat
+    ‖W + s·BA‖ as a constant in the backward pass (PEFT's ``weight_norm.detach()``)."""
+    _lora_check(dora_case, tmp_path)
+    theirs = _torch(dora_case, tmp_path, 1, "lora", lr=1e-2, weight_decay=0.01, eps=1e-8)
+    mags = [k for k in theirs[0] if k.endswith("lora_magnitude_vector")]
+    assert len(mags) == 12  # the magnitudes went through the step on both sides
+    before = _before(dora_case)
+    assert max(rel(theirs[0][k], before[k]) for k in mags) > 1e-4  # and moved
+
+
 # ------------------------------------------------------------------------------------------------
 # (b) LoRA + AdamW against PEFT + torch.optim.AdamW
 

@@ -36,8 +36,9 @@ def tiny_tree(**apply_kw):
     leaves, tdef = jax.tree_util.tree_flatten(adapted, is_leaf=lora_jax.is_lora)
     ks = jax.random.split(jax.random.key(2), len(leaves))
     leaves = [lora_jax.LoRA(w=n.w, a=n.a, b=0.1 * jax.random.normal(k, n.b.shape), scale=n.scale,
-                            roles=n.roles, dropout=n.dropout) if lora_jax.is_lora(n) else n
-              for n, k in zip(leaves, ks)]
+                            roles=n.roles, dropout=n.dropout,
+                            m=None if n.m is None else n.m * (1 + 0.1 * jax.random.normal(k, n.m.shape)))
+              if lora_jax.is_lora(n) else n for n, k in zip(leaves, ks)]
     return model, params, jax.tree_util.tree_unflatten(tdef, leaves)
 
 
@@ -54,6 +55,9 @@ def assert_same_adapters(got, want):
         np.testing.assert_array_equal(np.asarray(g[k].a), np.asarray(w[k].a), err_msg=k)
         np.testing.assert_array_equal(np.asarray(g[k].b), np.asarray(w[k].b), err_msg=k)
         np.testing.assert_array_equal(np.asarray(g[k].w), np.asarray(w[k].w), err_msg=k)
+        assert (g[k].m is None) == (w[k].m is None), k
+        if w[k].m is not None:
+            np.testing.assert_array_equal(np.asarray(g[k].m), np.asarray(w[k].m), err_msg=k)
     np.testing.assert_array_equal(np.asarray(got["head"]["kernel"]), np.asarray(want["head"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(got["head"]["bias"]), np.asarray(want["head"]["bias"]))
 
@@ -79,6 +83,32 @@ def test_written_names_shapes_and_config(tmp_path):
     assert t["base_model.model.classifier.weight"].shape == (3, 32)
     np.testing.assert_array_equal(t["base_model.model.classifier.weight"], np.asarray(params["head"]["kernel"]).T)
     assert len(t) == 12 * 2 + 2
+
+
+def test_dora_writes_use_dora_and_magnitudes_and_round_trips_exactly(tmp_path):
+    from safetensors.numpy import load_file
+
+    model, params, adapted = tiny_tree(dora=True)
+    peft_format.export_peft(tmp_path, adapted, TINY)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    t = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert cfg["use_dora"] is True and len(t) == 12 * 3 + 2
+    q = "base_model.model.bert.encoder.layer.0.intermediate.dense.lora_magnitude_vector"
+    np.testing.assert_array_equal(t[q], np.asarray(adapted["encoder"]["layer_0"]["intermediate"]["kernel"].m))
+    assert t[q].shape == (64,)  # one per output unit
+    back = peft_format.import_peft(tmp_path, params, TINY)
+    assert_same_adapters(back, adapted)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1000, 30000, (2, 12)))
+    f = lora_jax.wrap(model.apply)
+    np.testing.assert_array_equal(np.asarray(f({"params": back}, ids)), np.asarray(f({"params": adapted}, ids)))
+    # a DoRA file without its magnitudes, or a LoRA file said to be DoRA, is refused by name
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
+    with pytest.raises(peft_format.PeftFormatError, match="use_dora is false"):
+        peft_format.import_peft(tmp_path, params, TINY)
+    _, _, mixed = tiny_tree()
+    mixed["encoder"]["layer_0"]["query"]["kernel"] = adapted["encoder"]["layer_0"]["query"]["kernel"]
+    with pytest.raises(peft_format.PeftFormatError, match="DoRA and plain LoRA"):
+        peft_format.export_peft(tmp_path / "mixed", mixed, TINY)
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -125,7 +155,7 @@ def test_refusals(tmp_path):
     peft_format.export_peft(tmp_path, adapted, TINY)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(peft_format.PeftFormatError, match="DoRA"):
+    with pytest.raises(peft_format.PeftFormatError, match="needs lora_A and lora_B and lora_magnitude_vector"):
         peft_format.import_peft(tmp_path, params, TINY)
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     no_pooler = {"encoder": {k: v for k, v in params["encoder"].items() if k != "pooler"}, "head": params["head"]}
@@ -136,15 +166,16 @@ def test_refusals(tmp_path):
         peft_format.import_peft(tmp_path, p1["params"], other)
 
 
-def test_classify_refuses_export_for_full_probe_and_dora():
+def test_classify_refuses_export_for_full_probe_and_dora_with_dropout():
     from train.classify import ConfigError, parse_args
 
     for method in ("full", "probe"):
         with pytest.raises(ConfigError, match="--export-peft"):
             parse_args(["--method", method, "--export-peft", "/tmp/x"])
     assert parse_args(["--method", "lora-pro", "--export-peft", "/tmp/x"]).export_peft == "/tmp/x"
-    with pytest.raises(ConfigError, match="does not write DoRA adapters yet"):
-        parse_args(["--method", "dora", "--export-peft", "/tmp/x"])
+    assert parse_args(["--method", "dora", "--export-peft", "/tmp/x"]).export_peft == "/tmp/x"
+    with pytest.raises(ConfigError, match="--lora-dropout 0 to export"):
+        parse_args(["--method", "dora", "--lora-dropout", "0.1", "--export-peft", "/tmp/x"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +230,11 @@ def _classify_export_check(model_dir: Path, out: Path, extra=(), tol=1e-4):
 @needs_peers
 def test_classify_export_loads_in_peft_with_same_logits(tmp_path):
     _classify_export_check(tiny_hf_dir(tmp_path / "model"), tmp_path / "run")
+
+
+@needs_peers
+def test_classify_dora_export_loads_in_peft_with_same_logits(tmp_path):
+    _classify_export_check(tiny_hf_dir(tmp_path / "model"), tmp_path / "run", extra=("--method", "dora"))
 
 
 @needs_peers

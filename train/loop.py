@@ -92,9 +92,15 @@ class Run:
         return self.run_dir / "metrics.jsonl"
 
 
-def open_run(args, run_dir: Path, config: dict, trajectory, tr, opt_state) -> Run:
+def tree_sha256(tree) -> str:
+    """sha256 over every leaf of `tree` (dtype, shape and bytes, gathered to the host)."""
+    return tree_checksum([to_host(x) for x in jax.tree.leaves(tree)])[0]
+
+
+def open_run(args, run_dir: Path, config: dict, trajectory, tr, opt_state, legacy: dict | None = None) -> Run:
     """Open the run's checkpoints; with ``--resume`` restore the latest finalized one (refusing one
-    written with other values of the `trajectory` keys of `config`) and drop the metrics logged
+    written with other values of the `trajectory` keys of `config`; a key its config lacks counts
+    as its `legacy` value, for settings added after it was written) and drop the metrics logged
     after it. Writes ``config.json``."""
     ckpt = Checkpointer(run_dir / "ckpt", every=args.ckpt_every or args.steps, keep=args.keep)
     metrics_path = run_dir / "metrics.jsonl"
@@ -109,7 +115,8 @@ def open_run(args, run_dir: Path, config: dict, trajectory, tr, opt_state) -> Ru
                     metrics_path.unlink()
         else:
             (tr, opt_state), meta = ckpt.restore((tr, opt_state), step0)
-            diff = {k: (meta["config"].get(k), config[k]) for k in trajectory if meta["config"].get(k) != config[k]}
+            saved = {**(legacy or {}), **meta["config"]}
+            diff = {k: (saved.get(k), config[k]) for k in trajectory if saved.get(k) != config[k]}
             if diff:
                 raise ConfigError(f"--resume: checkpoint {ckpt.step_dir(step0)} was written with other "
                                   f"settings (saved vs now): {diff}")
@@ -149,7 +156,7 @@ class LoopResult:
             "sec_per_step": float(np.median(self.times)) if self.times else None,
             "wall_s": self.wall,
             "checkpoint_bytes": self.checkpoint_bytes,
-            "params_sha256": tree_checksum([to_host(x) for x in jax.tree.leaves(self.tr)])[0],
+            "params_sha256": tree_sha256(self.tr),
         }
 
 

@@ -17,10 +17,12 @@ def make_schedule(args):
     return optax.warmup_cosine_decay_schedule(0.0, args.lr, warm, max(args.steps, warm + 1), end_value=0.0)
 
 
-def make_optimizer(method: str, schedule, weight_decay: float, compute_dtype=None, clip_norm: float = 0.0):
-    """The method's optimizer: AdamW for ``full``/``probe``/``lora``; ``lora-pro`` chains
+def make_optimizer(method: str, schedule, weight_decay: float, compute_dtype=None, clip_norm: float = 0.0,
+                   loraplus_ratio: float = 16.0):
+    """The method's optimizer: AdamW for ``full``/``probe``/``lora``/``dora``; ``lora-pro`` chains
     `lora_jax.lora_pro` before AdamW; ``lora-pro-adamw`` is `lora_jax.lora_pro_adamw` (non-LoRA
-    leaves get AdamW inside it). `compute_dtype` is LoRA-Pro's (float32 by default; float64 for a
+    leaves get AdamW inside it); ``lora-plus`` is `lora_jax.loraplus` of AdamW (b's steps times
+    `loraplus_ratio`); ``riemannian`` chains `lora_jax.riemannian` (λ 1e-2) before AdamW. `compute_dtype` is LoRA-Pro's (float32 by default; float64 for a
     float64 model, so that nothing in the step rounds to float32). ``clip_norm > 0`` puts
     `optax.clip_by_global_norm` first: LoRA-Pro then adjusts the clipped LoRA gradients, which for
     the efficient mode equals clipping the adjusted ones by the raw gradients' norm (the
@@ -31,4 +33,8 @@ def make_optimizer(method: str, schedule, weight_decay: float, compute_dtype=Non
         tx = optax.adamw(schedule, weight_decay=weight_decay)
         if method == "lora-pro":
             tx = optax.chain(lora_jax.lora_pro(compute_dtype=compute_dtype), tx)
+        elif method == "riemannian":
+            tx = optax.chain(lora_jax.riemannian(compute_dtype=compute_dtype), tx)
+        elif method == "lora-plus":
+            tx = lora_jax.loraplus(tx, loraplus_ratio)
     return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm > 0 else tx

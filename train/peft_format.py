@@ -8,13 +8,16 @@ A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safet
   every adapted Linear, ``<module>`` being the HF module path (``encoder.layer.0.attention.self.query``);
 * ``base_model.model.classifier.weight`` (classes, hidden) and ``….bias`` for the head kept whole
   (``modules_to_save``; the adapter name and ``modules_to_save.`` are stripped on save);
+* for DoRA (``use_dora: true``) also ``….lora_magnitude_vector`` (out,) per adapted Linear: PEFT
+  saves its ``lora_magnitude_vector[adapter].weight`` under that name, without ``.weight``;
 * ``r``, ``lora_alpha``, ``rank_pattern``/``alpha_pattern`` for modules whose rank or alpha differ
   from the global ones, ``use_rslora`` (scale alpha/√r instead of alpha/r), ``target_modules``.
 
 In this project's kernel orientation (train/bert.py: a Linear weight W (out, in) is the kernel
 K = Wᵀ (in, out); a LoRA node holds a (in, r), b (r, out), K = w + scale·a@b) that is
 ``lora_A.weight = aᵀ``, ``lora_B.weight = bᵀ``, ``scale = lora_alpha / r`` — the same delta:
-PEFT's ΔW = scale·B A = scale·(a b)ᵀ.
+PEFT's ΔW = scale·B A = scale·(a b)ᵀ; a DoRA node's ``m`` (out,) is PEFT's magnitude as it is
+(both the norm of ``W + scale·B A`` per output unit, over the input axis).
 
 The HF names come from `train.bert.hf_key_map`; the Linen tree is that of `Classifier`
 (``{"encoder": BertEncoder params, "head": {"kernel", "bias"}}``), HF's modules are those of
@@ -150,7 +153,7 @@ def _number(x: float):
 
 def adapter_tensors(params, config: BertConfig, *, head: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """``(tensors, per_module)``: PEFT's tensors for the LoRA nodes (and head) of `params`, and
-    ``{hf module: (r, scale, dropout)}``. `params` may be the adapted tree or its trainable half."""
+    ``{hf module: (r, scale, dropout, is DoRA)}``. `params` may be the adapted tree or its trainable half."""
     p = _params(params)
     names = module_map(config, with_pooler=True)
     found = {}
@@ -171,7 +174,9 @@ def adapter_tensors(params, config: BertConfig, *, head: bool = True) -> tuple[d
         a, b = _np(leaf.a), _np(leaf.b)
         tensors[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = np.ascontiguousarray(a.T)  # (r, in)
         tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = np.ascontiguousarray(b.T)  # (out, r)
-        found[mod] = (int(a.shape[-1]), float(leaf.scale), float(leaf.dropout))
+        if leaf.m is not None:
+            tensors[f"{PEFT_PREFIX}{mod}.lora_magnitude_vector"] = _np(leaf.m)  # (out,)
+        found[mod] = (int(a.shape[-1]), float(leaf.scale), float(leaf.dropout), leaf.m is not None)
     if not found:
         raise PeftFormatError("no LoRA node in the tree: nothing to export (full fine-tuning and the "
                               "linear probe have no adapters)")
@@ -197,10 +202,18 @@ def export_peft(directory, params, config: BertConfig, *, rslora: bool = False,
     module paths adapted (exact: a PEFT suffix list such as ``["dense"]`` would also catch the pooler).
     """
     tensors, found = adapter_tensors(params, config, head=head)
-    drops = {d for _, _, d in found.values()}
+    drops = {d for _, _, d, _ in found.values()}
     if len(drops) > 1:
         raise PeftFormatError(f"adapters with different dropout rates {sorted(drops)}: PEFT has one lora_dropout")
-    per = {m: (r, _number(s * (math.sqrt(r) if rslora else r))) for m, (r, s, _) in found.items()}
+    doras = {dora for *_, dora in found.values()}
+    if len(doras) > 1:
+        raise PeftFormatError("DoRA and plain LoRA nodes in one tree: PEFT's use_dora is one flag for all")
+    dora = doras.pop()
+    if dora and drops != {0.0}:
+        raise PeftFormatError(f"DoRA with lora_dropout {sorted(drops)}: PEFT applies the dropout to the DoRA "
+                              f"part differently (see lora_jax.apply's dora), so the export would not be the "
+                              f"same model")
+    per = {m: (r, _number(s * (math.sqrt(r) if rslora else r))) for m, (r, s, *_) in found.items()}
     (r0, alpha0), _ = Counter(per.values()).most_common(1)[0]
     cfg = {
         "peft_type": "LORA",
@@ -218,7 +231,7 @@ def export_peft(directory, params, config: BertConfig, *, rslora: bool = False,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": dora,
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
@@ -263,7 +276,9 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
     ``rank_pattern``/``alpha_pattern``), and a saved ``classifier`` (``modules_to_save``) replaces
     the head. Returns the tree in the form it was given (``{"params": …}`` or bare).
 
-    Refused (`PeftFormatError`): DoRA, trained biases, fan_in_fan_out, modules with no counterpart
+    A DoRA adapter (``use_dora``) gives nodes with ``m`` = its ``lora_magnitude_vector``.
+
+    Refused (`PeftFormatError`): trained biases, fan_in_fan_out, modules with no counterpart
     in the tree (e.g. pooler adapters when the tree has no pooler), unknown keys, shape mismatches.
     """
 
@@ -271,8 +286,7 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
     cfg, tensors = read_peft(directory)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise PeftFormatError(f"peft_type {cfg.get('peft_type')!r}: only LORA adapters are read")
-    if cfg.get("use_dora"):
-        raise PeftFormatError("DoRA adapters (use_dora) are not LoRA nodes; not read")
+    dora = bool(cfg.get("use_dora", False))
     if cfg.get("fan_in_fan_out"):
         raise PeftFormatError("fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to BERT")
     if cfg.get("bias", "none") != "none":
@@ -291,7 +305,8 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
     unknown = []
     for key, x in tensors.items():
         k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", k)
+        m = (re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", k)
+             or re.fullmatch(r"(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?", k))
         if m:
             mods.setdefault(m.group(1), {})[m.group(2)] = np.asarray(x)
         elif re.fullmatch(rf"{HEAD_MODULE}(?:\.modules_to_save(?:\.[^.]+)?)?\.(weight|bias)", k):
@@ -304,8 +319,10 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
         raise PeftFormatError(f"{directory}: no lora_A/lora_B weights")
     out = p
     for mod, ab in sorted(mods.items()):
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise PeftFormatError(f"{mod}: has {sorted(ab)}, needs lora_A and lora_B")
+        need = {"lora_A", "lora_B", *(["lora_magnitude_vector"] if dora else [])}
+        if set(ab) != need:
+            raise PeftFormatError(f"{mod}: has {sorted(ab)}, needs {' and '.join(sorted(need))}"
+                                  f"{' (use_dora is ' + str(dora).lower() + ')' if 'lora_magnitude_vector' in ab or dora else ''}")
         if mod not in inv:
             raise PeftFormatError(f"{mod}: no such Linear in this model's encoder (have e.g. "
                                   f"{sorted(inv)[:3]}{'; the tree has no pooler' if 'pooler' in mod else ''})")
@@ -324,8 +341,15 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
         alpha = float(_pattern_value(alphas, mod, alpha0))
         scale = alpha / (math.sqrt(r) if rslora else r)
         adt = dtype or jnp.float32
+        mag = None
+        if dora:
+            mag = ab["lora_magnitude_vector"]
+            if mag.shape != (w.shape[1],):
+                raise PeftFormatError(f"{mod}: lora_magnitude_vector {mag.shape} does not fit the kernel's "
+                                      f"{w.shape[1]} outputs")
+            mag = jnp.asarray(mag, adt)
         node = LoRA(w=w, a=jnp.asarray(A.T, adt), b=jnp.asarray(B.T, adt), scale=scale, roles="io",
-                    dropout=dropout)
+                    dropout=dropout, m=mag)
         out = _set(out, path, node)
     if head:
         if set(head) != {"weight", "bias"}:

@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 import lora_jax
 from . import flags, loop, parallel
 from .errors import USER_ERRORS, ConfigError
 from .hosts import compile_cache_dir, init_distributed, is_primary, use_compile_cache
+from .loop import tree_sha256
 from .metrics import count, nbytes, plot_runs
 from .optim import make_optimizer, make_schedule
 
@@ -56,6 +58,9 @@ class Setup:
     num_params: int  # a quantized weight counts its logical shape
     num_trainable: int
     model_bytes: int  # bytes of the full model's parameters (quantized weights: their stored blocks)
+    # ``--init lora-ga``: trainable/frozen/num_trainable are None until `Task.run` calls
+    # ``pending(mean full gradient)`` -> (trainable, frozen); see `Task.lora_ga_gradient`
+    pending: Callable | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclasses.dataclass
@@ -88,21 +93,28 @@ def combined(tr, fr):
 
 
 def _halves(args, par: parallel.Parallel, params, *, forward, example, default_targets, head, **apply_kw):
-    """(placed params, trainable, frozen) of `params` for ``--method``."""
+    """(placed params, trainable, frozen, pending) of `params` for ``--method`` and ``--init``.
+    For ``--init lora-ga`` trainable and frozen are None and `pending` maps the mean full gradient
+    of the placed params to them (`Task.run` estimates it once the data are loaded)."""
     if args.method in ("full", "probe"):
         params = par.place_params(params)
-        return (params, params, None) if args.method == "full" else (params, *lora_jax.split(params, head))
+        return (params, params, None, None) if args.method == "full" else (params, *lora_jax.split(params, head), None)
     targets = args.targets or default_targets
     # axis roles read from how the model uses each kernel (a shape alone cannot say)
     layout = lora_jax.layout_of(forward, params, example)
     params = par.place_params(params, layout)  # FSDP: adapters are then created split like their kernels
-    try:
-        adapted = lora_jax.apply(params, args.rank, alpha=args.alpha, targets=targets, layout=layout,
-                                 dora=args.method == "dora",
-                                 key=jax.random.fold_in(jax.random.key(args.seed), 1), **apply_kw)
-    except ValueError as e:
-        raise ConfigError(f"--targets {targets!r}: {e}") from e
-    return (params, *lora_jax.split(adapted, head))
+    kw = dict(alpha=args.alpha, targets=targets, layout=layout, rslora=args.rslora, dora=args.method == "dora",
+              key=jax.random.fold_in(jax.random.key(args.seed), 1), **apply_kw)
+
+    def adapted(make):
+        try:
+            return lora_jax.split(make(), head)
+        except ValueError as e:
+            raise ConfigError(f"--targets {targets!r} --init {args.init}: {e}") from e
+
+    if args.init == "lora-ga":
+        return params, None, None, lambda grads: adapted(lambda: lora_jax.lora_ga_init(params, grads, args.rank, **kw))
+    return (params, *adapted(lambda: lora_jax.apply(params, args.rank, init=args.init, **kw)), None)
 
 
 def build_setup(args, par: parallel.Parallel | None, model, params, *, forward, example, default_targets,
@@ -115,13 +127,13 @@ def build_setup(args, par: parallel.Parallel | None, model, params, *, forward, 
     par = par or parallel.Parallel("single")
     model_bytes = nbytes(params)
     num_params = count(params)
-    base, trainable, frozen = _halves(args, par, params, forward=forward, example=example,
-                                      default_targets=default_targets, head=head, **apply_kw)
+    base, trainable, frozen, pending = _halves(args, par, params, forward=forward, example=example,
+                                               default_targets=default_targets, head=head, **apply_kw)
     schedule = make_schedule(args)
     optimizer = make_optimizer(args.method, schedule, args.weight_decay, compute_dtype=compute_dtype,
-                               clip_norm=args.clip_norm)
-    return cls(model, base, trainable, frozen, optimizer, schedule, num_params, count(trainable), model_bytes,
-               **(extra or {}))
+                               clip_norm=args.clip_norm, loraplus_ratio=args.loraplus_ratio)
+    return cls(model, base, trainable, frozen, optimizer, schedule, num_params,
+               None if trainable is None else count(trainable), model_bytes, **(extra or {}), pending=pending)
 
 
 def compile_ahead(step, example: tuple) -> tuple[Callable, dict | None]:
@@ -208,6 +220,7 @@ class Task:
         if args.lr is None:
             args.lr = self.default_lr[args.method]
         flags.check_numeric(args)
+        flags.check_methods(args)
         self.check_args(args)
         return args
 
@@ -241,11 +254,19 @@ class Task:
         job = Job(args, par, path, run_dir, self.build(args, path, par=par))
         job.data = self.load_data(job)
         setup, train = job.setup, job.data.train
-        config = {**{k: getattr(args, k) for k in self.trajectory}, self.model_key: str(path)}
-        # the optimizer state is created where the trainable half lives (moments split like their weights)
-        opened = loop.open_run(args, run_dir, config, self.trajectory, setup.trainable,
-                               par.on_devices(setup.optimizer.init(setup.trainable)))
         order = loop.BatchOrder(args.seed, len(train[self.batch_keys[0]]), args.batch_size)
+        config = {**{k: getattr(args, k) for k in self.trajectory}, self.model_key: str(path)}
+        trajectory = self.trajectory
+        if setup.pending is not None:
+            self.finish_lora_ga(job, order)
+            # a resumed run recomputes the init (and the frozen offset) from the same batches: the
+            # fingerprint makes sure it got the same one, not silently another model
+            config["lora_ga_init_sha256"] = tree_sha256(setup.trainable)
+            trajectory = (*trajectory, "lora_ga_init_sha256")
+        # the optimizer state is created where the trainable half lives (moments split like their weights)
+        opened = loop.open_run(args, run_dir, config, trajectory, setup.trainable,
+                               par.on_devices(setup.optimizer.init(setup.trainable)),
+                               legacy=flags.TRAJECTORY_DEFAULTS)
         train_step, job.eval_step = self.make_steps(setup, args.method, par)
         opened.tr, opened.opt_state = par.for_step((opened.tr, opened.opt_state))  # pmap: a copy per device
         frozen = par.for_step(setup.frozen)
@@ -268,6 +289,30 @@ class Task:
             if not args.no_plot:
                 plot_runs(args.out)
         return summary
+
+    def finish_lora_ga(self, job: Job, order: loop.BatchOrder) -> None:
+        """``--init lora-ga``: the mean full gradient of the base model's loss over the first
+        ``--ga-batches`` batches of the run's order (the batches steps 0, 1, ... train on, as PEFT's
+        and the authors' examples take them from the training loader; dropout keys of their own),
+        then the adapters from it (`lora_jax.lora_ga_init`), filled into `job.setup`."""
+        args, setup, par, train = job.args, job.setup, job.par, job.data.train
+
+        @jax.jit
+        def grad_sum(total, params, batch, key):
+            g = jax.grad(lambda p: self.loss(setup.model.apply, p, batch, key))(params)
+            return jax.tree.map(jnp.add, total, g)
+
+        total = jax.tree.map(jnp.zeros_like, setup.base)
+        for k in range(args.ga_batches):
+            host = {name: train[name][order.indices(k)] for name in self.batch_keys}
+            # the full model's step runs on one program over the mesh; pmap's layout splits rows
+            # per device, which a plain jit does not take
+            batch = par.batch(host) if par.kind == "mesh" else {n: jnp.asarray(v) for n, v in host.items()}
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(args.seed), 3), k)
+            total = grad_sum(total, setup.base, batch, key)
+        grads = jax.tree.map(lambda g: g / args.ga_batches, total)
+        setup.trainable, setup.frozen = setup.pending(grads)
+        setup.num_trainable, setup.pending = count(setup.trainable), None
 
     def summarize(self, job: Job, res: loop.LoopResult, fields: dict) -> dict:
         """The summary every task reports, then the task's own `fields`."""
