@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from support.lr_grid import preference
-from support.runs import load_runs, mean_std, write_section
+from support import lr_grid
+from support.runs import mean_std, write_section
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +33,7 @@ BOOTSTRAP = 4000
 
 def collect(out: Path, methods) -> dict:
     """Per method: its seed-0 grid runs (by lr), the chosen lr and the runs at it (by seed)."""
-    runs = [r for r in load_runs(out) if r.get("method") in methods]
-    per = {}
-    for m in methods:
-        grid = sorted((r for r in runs if r["method"] == m and r["seed"] == 0 and "val_acc" in r), key=lambda r: r["lr"])
-        if not grid:
-            continue
-        best = max(grid, key=preference)
-        at = sorted((r for r in runs if r["method"] == m and r["lr"] == best["lr"]), key=lambda r: r["seed"])
-        per[m] = {"grid": grid, "chosen": best, "seeds": at,
-                  "inside": grid[0]["lr"] < best["lr"] < grid[-1]["lr"]}
-    return per
+    return lr_grid.collect(out, methods, lambda r: r.get("method"))
 
 
 def _samples(run: dict) -> list[dict]:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from support.runs import train_run
+from support.runs import load_runs, train_run
 
 HALF_DECADE = math.sqrt(10.0)
 MAX_EXTENSIONS = 3
@@ -36,6 +36,23 @@ def preference(summary: dict) -> tuple:
 def choose(runs: dict[int, dict]) -> int:
     """The grid index k of the preferred run (`preference`)."""
     return max(runs, key=lambda k: preference(runs[k]))
+
+
+def collect(out: Path, methods, method_of: Callable[[dict], str | None]) -> dict:
+    """Per method (``method_of(summary)``, e.g. its ``method`` field or a run-name prefix): its
+    seed-0 grid runs by lr, the chosen one (`preference`), the runs at its lr by seed, and whether
+    the choice is inside the grid."""
+    runs = [r for r in load_runs(out) if method_of(r) in methods]
+    per = {}
+    for m in methods:
+        mine = [r for r in runs if method_of(r) == m]
+        grid = sorted((r for r in mine if r["seed"] == 0 and "val_acc" in r), key=lambda r: r["lr"])
+        if not grid:
+            continue
+        best = max(grid, key=preference)
+        at = sorted((r for r in mine if r["lr"] == best["lr"]), key=lambda r: r["seed"])
+        per[m] = {"grid": grid, "chosen": best, "seeds": at, "inside": grid[0]["lr"] < best["lr"] < grid[-1]["lr"]}
+    return per
 
 
 def summary_of(out: Path, method: str, k: int, seed: int) -> dict | None:

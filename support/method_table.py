@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from support import lr_grid
-from support.runs import load_runs, mean_std, train_run, write_section
+from support.runs import mean_std, train_run, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -70,21 +70,11 @@ def sweep(a) -> dict[str, dict[str, int]]:
 
 
 def collect(out: Path, methods) -> dict:
-    """Per method (by run name): its seed-0 grid runs by lr, the chosen lr and the runs at it."""
-    runs = []
-    for r in load_runs(out):
+    """Per method (by run name, since several share a trainer method): `support.lr_grid.collect`."""
+    def method_of(r):
         m = RUN_NAME.match(r["name"])
-        if m and m["method"] in methods:
-            runs.append({**r, "variant": m["method"]})
-    per = {}
-    for m in methods:
-        grid = sorted((r for r in runs if r["variant"] == m and r["seed"] == 0), key=lambda r: r["lr"])
-        if not grid:
-            continue
-        best = max(grid, key=lr_grid.preference)
-        at = sorted((r for r in runs if r["variant"] == m and r["lr"] == best["lr"]), key=lambda r: r["seed"])
-        per[m] = {"grid": grid, "chosen": best, "seeds": at, "inside": grid[0]["lr"] < best["lr"] < grid[-1]["lr"]}
-    return per
+        return m["method"] if m else None
+    return lr_grid.collect(out, methods, method_of)
 
 
 def closure(per: dict, key: str) -> dict:
