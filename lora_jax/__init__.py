@@ -9,7 +9,7 @@ Modules, lowest layer first (each imports only modules listed before it):
 * `product` — the factored product and its hand-written VJP;
 * `rules` — the quax rules; `wrapping` — `wrap`;
 * `paths`, `sharding`, `layout`, `adapt`, `tree` — tree operations (`layout_of`, `apply`,
-  `lora_ga_init`, `split`/`combine`/`merge`);
+  `lora_ga_init`, `split`/`combine`/`merge`); `stacking` — several adapters in one tree;
 * `gram` — the r×r Gram algebra, eigendecompositions in groups;
 * `projection` — LoRA-Pro's matrix math; `preconditioning` — the Riemannian matrix math;
 * `factor_pairs` — how the optimizers find adapter pairs and put results back;
@@ -26,6 +26,9 @@ from lora_jax.tree import combine, merge, split
 # Running functions on adapted trees
 from lora_jax.policy import LoRAMaterializationError, LoRAMaterializationWarning
 from lora_jax.wrapping import wrap
+
+# Several adapters on one base: mixed-adapter batches (`wrap`'s lora_adapter_ids), hot swaps
+from lora_jax.stacking import num_adapters, put_adapter, stack, unstack
 
 # QLoRA: quantized frozen weights
 from lora_jax.quant import Quantized, is_quantized, quantize
@@ -62,14 +65,18 @@ __all__ = [
     "loraplus",
     "merge",
     "merge_pairs",
+    "num_adapters",
     "output_heads",
     "paired",
     "precondition_matrices",
+    "put_adapter",
     "quantize",
     "riemannian",
     "scale_b",
     "scale_by_lora_pro_adam",
     "split",
+    "stack",
     "sylvester_x",
+    "unstack",
     "wrap",
 ]

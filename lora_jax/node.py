@@ -74,6 +74,16 @@ class LoRA(policy.Formable):
     def num_batch_axes(self) -> int:
         return np.ndim(self.w) - len(self.roles)
 
+    @property
+    def num_adapters(self) -> int | None:
+        """K for a node holding K stacked adapters (`lora_jax.stack`: `a`, `b`, `m` carry an adapter
+        axis right after `w`'s batch axes, `w` is shared); None for a single adapter. Read from the
+        shapes, so under `jax.vmap` over that axis the node is a single adapter again."""
+        if self.w is None or self.a is None:  # a half from `split`: `w`'s batch axes unknown
+            return None
+        extra = np.ndim(self.a) - (self.num_batch_axes + self.roles.count("i") + 1)
+        return int(self.a.shape[self.num_batch_axes]) if extra == 1 else None
+
     def delta(self, dtype=jnp.float32):
         """``scale · a @ b`` in `w`'s shape, computed in `dtype`."""
         return _delta(self.a, self.b, self.scale, self.roles, self.num_batch_axes, dtype)
@@ -100,6 +110,10 @@ class LoRA(policy.Formable):
     def materialise_message(self, what: str, why: str) -> str:
         return (f"LoRA weight of shape {tuple(self.w.shape)} (roles {self.roles!r}) is materialised "
                 f"for {what}, {why}: this forms the full weight and its gradient.")
+
+    def check_formable(self, what: str) -> None:
+        if self.num_adapters is not None:
+            raise ValueError(_STACKED.format(k=self.num_adapters, shape=tuple(self.w.shape), what=what))
 
     @property
     def __jax_array__(self):
@@ -129,11 +143,17 @@ _OUTSIDE_WRAP = ("a lora_jax.LoRA node (weight {shape}) was used as an array out
                  "or lora_jax.merge the tree into plain weights first")
 
 
+_STACKED = ("a LoRA node holding {k} stacked adapters (weight {shape}) has no single merged weight, "
+            "so {what} cannot run on it: products with it run per row (`lora_adapter_ids`); "
+            "`lora_jax.unstack` it to merge or run each adapter")
+
+
 def merge_node(node: LoRA):
     """``w + scale·a@b`` computed in float32 (or wider) and cast back to `w`'s dtype. A quantized
     `w` (`lora_jax.quant.Quantized`) is dequantized: the result is a float array of its dtype.
     A DoRA node gives ``m ⊙ w_eff / ‖w_eff‖`` (the norm over the input axes, computed from the
     formed ``w_eff`` and under `stop_gradient`, as in the factored product)."""
+    node.check_formable("merging")
     compute = jnp.promote_types(jnp.float32, node.w.dtype)
     w_eff = dense(node.w, compute) + node.delta(compute)
     if node.is_dora:

@@ -33,13 +33,15 @@ NO_RULE = "which has no factored rule"
 
 _STRICT = contextvars.ContextVar("lora_jax_strict", default=False)
 _DROPOUT = contextvars.ContextVar("lora_jax_dropout", default=None)  # [key, counter] or None
+_ADAPTER_IDS = contextvars.ContextVar("lora_jax_adapter_ids", default=None)  # (batch,) ints or None
 _DEPTH = contextvars.ContextVar("lora_jax_wrap_depth", default=0)  # wrapped calls running now
 
 
 @contextlib.contextmanager
-def settings(*, strict: bool, dropout_key):
+def settings(*, strict: bool, dropout_key, adapter_ids=None):
     """The per-call settings of a wrapped function, for the rules that run inside it."""
     strict_token = _STRICT.set(strict)
+    ids_token = _ADAPTER_IDS.set(adapter_ids)
     drop_token = _DROPOUT.set(None if dropout_key is None else [dropout_key, 0])
     depth_token = _DEPTH.set(_DEPTH.get() + 1)
     try:
@@ -47,12 +49,19 @@ def settings(*, strict: bool, dropout_key):
     finally:
         _STRICT.reset(strict_token)
         _DROPOUT.reset(drop_token)
+        _ADAPTER_IDS.reset(ids_token)
         _DEPTH.reset(depth_token)
 
 
 def inside_wrap() -> bool:
     """Whether a function wrapped by `lora_jax.wrap` is running (being traced) now."""
     return _DEPTH.get() > 0
+
+
+def adapter_ids():
+    """The call's ``lora_adapter_ids`` (one adapter index per batch row, −1: the base model), or
+    None when it was called without them."""
+    return _ADAPTER_IDS.get()
 
 
 def next_dropout_key():
@@ -70,6 +79,7 @@ def on_materialise(value, primitive: str | None, why: str = NO_RULE) -> None:
     """Warn (or raise, under strict mode) that `value` is formed in full for `primitive`.
     `value` says what that costs through its ``materialise_message(what, why)``."""
     what = f"primitive {primitive!r}" if primitive else "an operation"
+    value.check_formable(what)
     msg = value.materialise_message(what, why)
     if _STRICT.get():
         raise LoRAMaterializationError(msg + " (strict=True)")
@@ -97,6 +107,9 @@ class Formable(quax.ArrayValue):
     def materialise_message(self, what: str, why: str) -> str:
         raise NotImplementedError
 
+    def check_formable(self, what: str) -> None:
+        """Raise if this value has no dense array at all (a node of stacked adapters)."""
+
     def materialise(self):
         on_materialise(self, None)
         return self.as_array()
@@ -106,5 +119,5 @@ class Formable(quax.ArrayValue):
         return fallback(primitive, values, params)
 
 
-__all__ = ["Formable", "LoRAMaterializationError", "LoRAMaterializationWarning", "fallback",
+__all__ = ["Formable", "adapter_ids", "LoRAMaterializationError", "LoRAMaterializationWarning", "fallback",
            "inside_wrap", "next_dropout_key", "on_materialise", "settings"]

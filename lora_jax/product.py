@@ -25,8 +25,8 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from lora_jax import policy
 from lora_jax._compat import multiply_reduce_last
-from lora_jax.node import LoRA
-from lora_jax.quant import Quantized
+from lora_jax.node import LoRA, _factored_norm
+from lora_jax.quant import Quantized, dense
 
 
 def adapter_input(x, node: LoRA):
@@ -87,19 +87,59 @@ def factored_dot(x, node: LoRA, x_contract, l_contract, x_batch, l_batch, lora_i
         return lax.dot_general_p.bind(*((x, w) if lora_is_rhs else (w, x)), **params)
 
     j = "".join
-    specs = _Specs(j(x_spec), j(w_spec), j(first_spec), j(t_spec), j(second_spec), j(out_spec))
     k_spec = j(lead + [w_spec[d] for d in sorted(outs)])  # DoRA's column scale: batch + out axes
+    scale_of = LoRA.column_scale
+    if node.num_adapters is not None:  # stacked adapters: each row of x gets its own factors
+        first_arr, second_arr, scale_of = _rows(node, x, x_contract, x_batch, first_arr, second_arr)
+        row = x_spec[0]
+        first_spec, second_spec, k_spec = [row] + first_spec, [row] + second_spec, row + k_spec
+    specs = _Specs(j(x_spec), j(w_spec), j(first_spec), j(t_spec), j(second_spec), j(out_spec))
     if node.is_dora and first == "b":  # x contracted with w's output axes: scale x's columns
-        x = _dora_scaled(x, node, k_spec, specs.x)
+        x = _dora_scaled(x, node, k_spec, specs.x, scale_of)
     xd = adapter_input(x, node)
     product = _factored_product(base, specs, node.scale, params.get("precision"))
     out, = product(x, None if xd is x else xd, node.w, first_arr, second_arr)
     if node.is_dora and first == "a":
-        out = _dora_scaled(out, node, k_spec, specs.out)
+        out = _dora_scaled(out, node, k_spec, specs.out, scale_of)
     return out
 
 
-def _dora_scaled(v, node: LoRA, k_spec: str, v_spec: str):
+def _rows(node: LoRA, x, x_contract, x_batch, first, second):
+    """A stacked node's factors gathered per row of `x` (its leading axis; `lora_adapter_ids`
+    gives each row's adapter), a row with id −1 (or ≥ K) getting zeros: ``(first, second,
+    column_scale)`` with a leading row axis, rank-sized per row. The DoRA column scale is taken
+    per adapter (K × out) and then gathered, 1 on base rows."""
+    ids = policy.adapter_ids()
+    k = k_count = node.num_adapters
+    if ids is None:
+        raise ValueError(f"a LoRA node holding {k} stacked adapters (weight {tuple(node.w.shape)}) "
+                         "needs `lora_adapter_ids` (one adapter index per batch row) in the wrapped "
+                         "call; or `lora_jax.unstack` the tree and run one adapter")
+    if node.num_batch_axes or 0 in x_contract or 0 in x_batch or x.ndim < 2 or x.shape[0] != ids.shape[0]:
+        raise ValueError(f"stacked adapters run products whose input's leading axis is the batch of "
+                         f"{ids.shape[0]} rows `lora_adapter_ids` indexes; this product has input "
+                         f"{tuple(x.shape)} (contracting {tuple(x_contract)}) with weight "
+                         f"{tuple(node.w.shape)} (roles {node.roles!r}, {node.num_batch_axes} stacked "
+                         "layer axes not sliced off by a scan)")
+    live = (ids >= 0) & (ids < k)
+    index = jnp.where(live, ids, 0)
+
+    def take(v, empty=0.0):
+        got = jnp.take(v, index, axis=0)
+        return jnp.where(live.reshape((-1,) + (1,) * (got.ndim - 1)), got, jnp.asarray(empty, got.dtype))
+
+    def column_scale(node, dtype):
+        # one adapter at a time, as `LoRA.column_scale` computes it: a row's scale then rounds
+        # exactly as its adapter's alone (a vmap would batch the einsums, summing in another order)
+        w = dense(node.w, dtype)
+        per = jnp.stack([node.m[k].astype(dtype) / lax.stop_gradient(
+            _factored_norm(w, node.a[k], node.b[k], node.scale, node.roles, 0, dtype)) for k in range(k_count)])
+        return take(per, 1.0)
+
+    return take(first), take(second), column_scale
+
+
+def _dora_scaled(v, node: LoRA, k_spec: str, v_spec: str, scale_of=LoRA.column_scale):
     """`v` times DoRA's ``m / ‖w_eff‖`` (`LoRA.column_scale`, its norm under `stop_gradient`)
     along the axes `k_spec` names in `v_spec`, in float32 (or wider), cast back to `v`'s dtype.
 
@@ -108,7 +148,7 @@ def _dora_scaled(v, node: LoRA, k_spec: str, v_spec: str):
     `m` needs the unscaled value, so autodiff keeps it: one activation-sized residual more than
     plain LoRA (PEFT's DoRA keeps it too)."""
     acc = jnp.promote_types(v.dtype, jnp.float32)
-    k = _along(node.column_scale(acc), k_spec, v_spec)
+    k = _along(scale_of(node, acc), k_spec, v_spec)
     return (v.astype(acc) * k).astype(v.dtype)
 
 

@@ -140,7 +140,8 @@ def _(operand: LoRA, indices: ArrayLike, **params):
     times ``m / ‖w_eff‖``, the norm per column over the table's rows, as PEFT's DoRA embedding)."""
     dn = params["dimension_numbers"]
     w = operand.w
-    if not (operand.num_batch_axes == 0 and operand.roles == "io" and _is_row_lookup(w.shape, params)):
+    if not (operand.num_batch_axes == 0 and operand.roles == "io" and operand.num_adapters is None
+            and _is_row_lookup(w.shape, params)):  # (stacked adapters: merge_node says why not)
         return fallback(lax.gather_p, (operand, indices), params)
     base = _gather_rows(w, indices, params)
     t = lax.gather_p.bind(operand.a, indices, **{**params, "slice_sizes": (1, operand.rank)})
@@ -173,9 +174,10 @@ def _(x: LoRA, *, permutation):
     old_outs = [k for k, role in enumerate(x.roles) if role == "o"]
     new_ins = [p for p in tail if x.roles[p] == "i"]
     new_outs = [p for p in tail if x.roles[p] == "o"]
-    a_perm = list(range(nb)) + [nb + old_ins.index(p) for p in new_ins] + [x.a.ndim - 1]
-    b_perm = list(range(nb + 1)) + [nb + 1 + old_outs.index(p) for p in new_outs]
-    m_perm = list(range(nb)) + [nb + old_outs.index(p) for p in new_outs]  # (*batch, *outs)
+    lead = nb + (x.num_adapters is not None)  # batch axes, then the adapter axis if stacked
+    a_perm = list(range(lead)) + [lead + old_ins.index(p) for p in new_ins] + [x.a.ndim - 1]
+    b_perm = list(range(lead + 1)) + [lead + 1 + old_outs.index(p) for p in new_outs]
+    m_perm = list(range(lead)) + [lead + old_outs.index(p) for p in new_outs]  # (*batch, *outs)
     m = None if x.m is None else jnp.transpose(x.m, m_perm)
     return dataclasses.replace(x, w=_transpose_w(x.w, perm), a=jnp.transpose(x.a, a_perm),
                                b=jnp.transpose(x.b, b_perm), roles=roles, m=m)

@@ -79,6 +79,10 @@ def merge(tree):
     for path, leaf in leaves:
         if is_lora(leaf):
             _check_node(leaf, path, need_w=True, need_ab=True)
+            if leaf.num_adapters is not None:
+                raise ValueError(f"merge: the LoRA node at {path!r} holds {leaf.num_adapters} stacked "
+                                 "adapters, which have no single merged weight; merge each of "
+                                 "lora_jax.unstack(tree)")
             leaf = merge_node(leaf)
         out.append(leaf)
     return jax.tree.unflatten(treedef, out)
@@ -93,11 +97,16 @@ def _check_node(node: LoRA, path: str, *, need_w: bool, need_ab: bool) -> None:
                          "`combine` it with its trainable half first")
     rank = node.a.shape[-1]
     a_shape, b_shape = factor_shapes(node.w.shape, node.roles, rank)
+    m_shape = magnitude_shape(node.w.shape, node.roles)
+    k = node.num_adapters
+    if k is not None:  # stacked adapters (`lora_jax.stack`): an adapter axis after w's batch axes
+        nb = node.num_batch_axes
+        a_shape, b_shape, m_shape = (s[:nb] + (k,) + s[nb:] for s in (a_shape, b_shape, m_shape))
     if tuple(node.a.shape) != a_shape or tuple(node.b.shape) != b_shape:
         raise ValueError(f"LoRA node at {path!r}: w {tuple(node.w.shape)} with roles {node.roles!r} "
                          f"needs a {a_shape} and b {b_shape}, got a {tuple(node.a.shape)} and "
                          f"b {tuple(node.b.shape)}")
-    if node.m is not None and tuple(node.m.shape) != magnitude_shape(node.w.shape, node.roles):
+    if node.m is not None and tuple(node.m.shape) != m_shape:
         raise ValueError(f"LoRA node at {path!r}: w {tuple(node.w.shape)} with roles {node.roles!r} "
-                         f"needs a DoRA magnitude m {magnitude_shape(node.w.shape, node.roles)}, "
+                         f"needs a DoRA magnitude m {m_shape}, "
                          f"got {tuple(node.m.shape)}")

@@ -13,9 +13,12 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import quax
 
 from lora_jax import policy
+from lora_jax.node import is_lora
 from lora_jax import rules  # noqa: F401  (registers the quax rules `wrap` runs with)
 
 
@@ -35,10 +38,19 @@ def wrap(fn: Callable, *, strict: bool = False) -> Callable:
     with ``dropout > 0`` drops its adapter input (PEFT's ``lora_dropout``) using a key folded from
     it; when omitted, no dropout is applied (evaluation). Inside `scan` bodies the layers of one
     call share a mask, since the body is traced once.
+
+    And ``lora_adapter_ids``, for trees holding several adapters (`lora_jax.stack`): an int array
+    of shape (batch,), one adapter index per row of the batch (−1: the base model alone). Each
+    product with a stacked node then runs every row with its own adapter, factored: the row's `a`
+    and `b` are gathered (rank-sized per row), never a weight per row or per adapter. Products
+    take the batch as their input's leading axis. Nodes holding one adapter apply to every row.
+    Concrete ids are checked against the number of adapters; under `jit` an index ≥ K selects no
+    adapter (the base model), as −1 does.
     """
     @functools.wraps(fn)
-    def wrapped(*args, lora_dropout_key=None, **kwargs):
-        with policy.settings(strict=strict, dropout_key=lora_dropout_key):
+    def wrapped(*args, lora_dropout_key=None, lora_adapter_ids=None, **kwargs):
+        ids = None if lora_adapter_ids is None else _check_ids(lora_adapter_ids, (fn, args, kwargs))
+        with policy.settings(strict=strict, dropout_key=lora_dropout_key, adapter_ids=ids):
             return _call_flat(fn, args, kwargs)
 
     return wrapped
@@ -65,6 +77,25 @@ def _call_flat(fn, args, kwargs):
 
     out = quax.quaxify(flat_fn)(*leaves)
     return jax.tree.unflatten(out_tree[-1], out)
+
+
+def _check_ids(ids, trees):
+    """`ids` as an int32 (batch,) array; concrete ones checked against every stacked node's K."""
+    ids = jnp.asarray(ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"lora_adapter_ids must be a 1-D integer array (one adapter index per batch "
+                         f"row, -1 for the base model), got shape {ids.shape} and dtype {ids.dtype}")
+    counts = {n.num_adapters for n in jax.tree.leaves(trees, is_leaf=is_lora) if is_lora(n)} - {None}
+    if not counts:
+        raise ValueError("lora_adapter_ids given, but no LoRA node holds stacked adapters: build the "
+                         "tree with lora_jax.stack([adapted_1, ..., adapted_K])")
+    if not isinstance(ids, jax.core.Tracer):
+        bad = np.asarray(ids)
+        k = min(counts)
+        if bad.size and (bad.min() < -1 or bad.max() >= k):
+            raise ValueError(f"lora_adapter_ids must lie in [-1, {k - 1}] (the tree holds {k} "
+                             f"adapters), got values in [{bad.min()}, {bad.max()}]")
+    return ids.astype(jnp.int32)
 
 
 def _is_node(x) -> bool:

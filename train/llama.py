@@ -364,14 +364,14 @@ def sample_token(logits, key, temperature: float, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p", "factored"))
-def _generate(model, params, prompt, prompt_mask, key, eos_id, pad_id, *, max_new_tokens: int,
+def _generate(model, params, prompt, prompt_mask, key, eos_id, pad_id, adapter_ids, *, max_new_tokens: int,
               temperature: float, top_p: float, factored: bool):
 
     B, T = prompt.shape
     S = T + max_new_tokens
     call = model.apply
     if factored:
-        call = lora_jax.wrap(call)
+        call = functools.partial(lora_jax.wrap(call), lora_adapter_ids=adapter_ids)
     cache = init_cache(model.config, B, S, model.dtype)
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((B, max_new_tokens), prompt_mask.dtype)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
@@ -400,7 +400,7 @@ def _generate(model, params, prompt, prompt_mask, key, eos_id, pad_id, *, max_ne
 
 def generate(model: Llama, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_p: float = 1.0, key=None, eos_id: int | None = None,
-             pad_id: int | None = None, width: int | None = None) -> np.ndarray:
+             pad_id: int | None = None, width: int | None = None, adapter_ids=None) -> np.ndarray:
     """New tokens (B, max_new_tokens) for token-id `prompts` (lists, any lengths: left-padded here).
 
     Greedy for ``temperature=0``, else temperature/top-p sampling with `key`. A row stops at
@@ -411,6 +411,11 @@ def generate(model: Llama, params, prompts: Sequence[Sequence[int]], max_new_tok
     are left-padded to ``width`` (default: the longest), so a caller decoding many batches gives
     one ``width`` (and as many prompts per call) to compile once. Left padding changes no
     logits: padded slots are masked and positions count from each row's first real token.
+
+    With `params` holding several adapters (`lora_jax.stack`), ``adapter_ids`` (one per prompt,
+    −1: the base model) picks each prompt's adapter: one batch answered by several fine-tunes at
+    once, one KV cache of the usual layout. Changing the ids or the adapters' values (same
+    shapes, `lora_jax.put_adapter`) reuses the compiled loop.
     """
     cfg = model.config
     eos_id = cfg.eos_token_id if eos_id is None else eos_id
@@ -433,8 +438,17 @@ def generate(model: Llama, params, prompts: Sequence[Sequence[int]], max_new_tok
         if len(p):
             ids[r, T - len(p):], mask[r, T - len(p):] = p, 1
     key = jax.random.key(0) if key is None else key
+    if adapter_ids is not None:
+        adapter_ids = np.asarray(adapter_ids)
+        if adapter_ids.shape != (len(prompts),):
+            raise ValueError(f"adapter_ids has shape {adapter_ids.shape}; give one adapter index per "
+                             f"prompt ({len(prompts)})")
+        k = lora_jax.num_adapters(params)
+        if adapter_ids.size and (adapter_ids.min() < -1 or adapter_ids.max() >= k):
+            raise ValueError(f"adapter_ids must lie in [-1, {k - 1}] ({k} stacked adapters)")
+        adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
     out = _generate(model, params, jnp.asarray(ids), jnp.asarray(mask), key, jnp.int32(eos_id),
-                    jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
+                    jnp.int32(pad_id), adapter_ids, max_new_tokens=int(max_new_tokens),
                     temperature=float(temperature), top_p=float(top_p), factored=_has_lora(params))
     return np.asarray(out)
 
