@@ -258,12 +258,19 @@ def test_padded_ranks_give_zero_gradients_to_the_padding_and_lora_pro_keeps_it_z
 
     t_pad, g_pad = run(padded, 5)
     t_ref, _ = run(small, 5)
-    for gp, tp, tr in zip(*(
-            [n for n in jax.tree.leaves(v, is_leaf=lora_jax.is_lora) if lora_jax.is_lora(n)]
-            for v in (g_pad, t_pad, t_ref))):
-        assert float(jnp.abs(gp.a[..., 2:]).max()) == 0 and float(jnp.abs(gp.b[..., 2:, :]).max()) == 0
-        assert float(jnp.abs(tp.a[..., 2:]).max()) == 0 and float(jnp.abs(tp.b[..., 2:, :]).max()) == 0
-        assert rel(tp.a[..., :2], tr.a) <= 1e-5 and rel(tp.b[..., :2, :], tr.b) <= 1e-5
+    def b_rows(node, lo, hi):  # b's rank axis comes after the batch axes
+        return jax.lax.slice_in_dim(node.b, lo, hi, axis=node.a.ndim - 1 - node.roles.count("i"))
+
+    nodes = [[n for n in jax.tree.leaves(v, is_leaf=lora_jax.is_lora) if lora_jax.is_lora(n)]
+             for v in (g_pad, t_pad, t_ref)]
+    worst = 0.0
+    for gp, tp, tr in zip(*nodes):
+        assert gp.a.shape[-1] == 4
+        assert float(jnp.abs(gp.a[..., 2:]).max()) == 0 and float(jnp.abs(b_rows(gp, 2, 4)).max()) == 0
+        assert float(jnp.abs(tp.a[..., 2:]).max()) == 0 and float(jnp.abs(b_rows(tp, 2, 4)).max()) == 0
+        worst = max(worst, rel(tp.a[..., :2], tr.a), rel(b_rows(tp, 0, 2), tr.b))
+    print(f"LoRA-Pro on rank 2 padded to 4, 5 steps: padding stays 0, the rest {worst:.2e} from unpadded")
+    assert worst <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
