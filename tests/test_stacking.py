@@ -4,7 +4,7 @@ without recompiling, and K adapters trained in one vmapped step against K separa
 
 from __future__ import annotations
 
-import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +172,7 @@ def test_mixed_batch_of_8_costs_at_most_110_of_one_adapter_and_forms_no_weight_p
                if lora_jax.is_lora(n)}
     per_adapter = {(8,) + k for k in kernels} | {(cfg.batch,) + k for k in kernels}
     text = jax.jit(lambda p, x, ids: fwd(p, x, lora_adapter_ids=ids)).lower(stacked, x, ids).as_text()
-    import re
+
     shapes = {tuple(int(d) for d in m.split("x")) for m in re.findall(r"tensor<([0-9x]+)xf32>", text)}
     assert not shapes & per_adapter, shapes & per_adapter
 
