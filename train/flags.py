@@ -47,6 +47,14 @@ def add_common_args(p: argparse.ArgumentParser, *, methods, default_lr: dict, ta
                         "the raw LoRA gradients, before the adjustment; as the reference and HF Trainer's "
                         "max_grad_norm); 0: no clipping")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="train one adapter per learning rate (times --seeds) in one stacked run: one process, "
+                        "one compiled step vmapped over the adapters on the shared frozen base; each adapter "
+                        "gets its own run directory <name>-lr<lr>-s<seed> (metrics, checkpoints, summary), "
+                        "as if trained alone")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="the seeds of a stacked run (see --lrs): each its own adapter init, batch order and "
+                        "dropout keys")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out examples")
     p.add_argument("--eval-every", type=int, default=eval_every)
@@ -83,6 +91,28 @@ NUMERIC_RULES = [
     ("seed", lambda v: v >= 0, ">= 0"),
     ("data_seed", lambda v: v >= 0, ">= 0"),
 ]
+
+
+def check_stacked(args: argparse.Namespace) -> None:
+    """Refusals of a stacked run (``--lrs``/``--seeds``): what its adapters cannot share."""
+    if not (args.lrs or args.seeds):
+        return
+    if args.method in ("full", "probe"):
+        raise ConfigError(f"--lrs/--seeds train adapters on one shared frozen base; --method {args.method} "
+                          "has no frozen base: run its settings one by one")
+    if args.init == "lora-ga":
+        raise ConfigError("--init lora-ga with --lrs/--seeds: its init offsets the frozen kernels by each run's "
+                          "gradient estimate, so the adapters would not share a base; run them one by one")
+    if getattr(args, "export_peft", None) is not None:
+        raise ConfigError("--export-peft with --lrs/--seeds: export each adapter from its run directory")
+    for name in ("lrs", "seeds"):
+        values = getattr(args, name) or []
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--{name} repeats a value: {values}")
+    if any(v <= 0 for v in args.lrs or []):
+        raise ConfigError(f"--lrs must all be > 0, got {args.lrs}")
+    if any(v < 0 for v in args.seeds or []):
+        raise ConfigError(f"--seeds must all be >= 0, got {args.seeds}")
 
 
 def check_methods(args: argparse.Namespace) -> None:

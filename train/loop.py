@@ -180,51 +180,86 @@ def train_loop(run: Run, *, train_step, frozen, schedule, order: BatchOrder, get
     result hold (pmap's per-device copies → one copy: `train.parallel.Parallel.unreplicated`). With
     several processes every process runs this loop in step (the same jitted calls in the same
     order); only process 0 writes metrics and shows the bar."""
-    args, ckpt = run.args, run.ckpt
-    tr, opt_state, start = run.tr, run.opt_state, run.start
-    ckpt_bytes, times, final = None, [], None
+    def step(tr, opt_state, step):
+        tr, opt_state, loss = train_step(tr, opt_state, frozen, get_batch(order.indices(step)),
+                                         step_key(run.args.seed, step))
+        return tr, opt_state, [loss]
+
+    return train_loop_many([run], step=step, state=(run.tr, run.opt_state), schedules=[schedule],
+                           orders=[order], evaluates=[evaluate], bar_metric=bar_metric,
+                           model_bytes=model_bytes, desc=desc, views=lambda state: [view(state)])[0]
+
+
+def train_loop_many(runs: list[Run], *, step: Callable, state, schedules, orders, evaluates, bar_metric: str,
+                    model_bytes: int, desc: str, views: Callable[[Any], list]) -> list[LoopResult]:
+    """`train_loop` for K runs trained together (several adapters in one step, `train.task`):
+    ``step(tr, opt_state, step) -> (tr, opt_state, [loss of each run])`` advances all of them,
+    ``views((tr, opt_state))`` gives each run's own ``(tr, opt_state)`` for its checkpoints,
+    evaluation and result. Each run logs its own metrics and checkpoints as if trained alone."""
+    args = runs[0].args
+    starts = {r.start for r in runs}
+    if len(starts) > 1:
+        raise ConfigError(f"the runs trained together are at different steps {sorted(starts)} (one was "
+                          "cut off between two checkpoints of another): resume them one by one")
+    start = starts.pop()
+    tr, opt_state = state
+    ckpt_bytes, times, finals = [None] * len(runs), [], [None] * len(runs)
     primary = is_primary()
     bar = tqdm(total=args.steps, initial=start, disable=args.quiet or not primary, dynamic_ncols=True, desc=desc,
                file=sys.stderr)
     t_run = time.perf_counter()
-    with open(run.metrics_path if primary else os.devnull, "a") as mf:
-        for step in range(start, args.steps):
-            batch = get_batch(order.indices(step))
+    files = [open(r.metrics_path if primary else os.devnull, "a") for r in runs]
+    try:
+        for k in range(start, args.steps):
             t0 = time.perf_counter()
-            tr, opt_state, loss = train_step(tr, opt_state, frozen, batch, step_key(args.seed, step))
-            loss = float(loss)
+            tr, opt_state, losses = step(tr, opt_state, k)
+            losses = [float(v) for v in losses]
             dt = time.perf_counter() - t0
-            if step > start:  # the first step of a process includes compilation
+            if k > start:  # the first step of a process includes compilation
                 times.append(dt)
-            done = step + 1
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {done}; lower --lr")
-            rec = {"step": done, "loss": loss, "lr": float(schedule(step)), "sec_per_step": dt}
-            if done % args.eval_every == 0 or done == args.steps:
-                rec.update(evaluate(view(tr)))
-                final = rec
-                bar.set_postfix(loss=f"{loss:.3f}", **{bar_metric: f"{rec[bar_metric]:.3f}"})
+            done = k + 1
+            for run, loss in zip(runs, losses):
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"{run.run_dir.name}: loss is {loss} at step {done}; lower --lr")
+            evaluating = done % args.eval_every == 0 or done == args.steps
+            own = views((tr, opt_state)) if evaluating or done % runs[0].ckpt.every == 0 or done == args.steps else None
+            for i, (run, loss, mf) in enumerate(zip(runs, losses, files)):
+                rec = {"step": done, "loss": loss, "lr": float(schedules[i](k)), "sec_per_step": dt}
+                if evaluating:
+                    rec.update(evaluates[i](own[i][0]))
+                    finals[i] = rec
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+                # called every step (a no-op between checkpoints, where `own` is not formed)
+                if run.ckpt.save(done, None if own is None else own[i], _checkpoint_meta(run, done, orders[i]),
+                                 force=done == args.steps) and ckpt_bytes[i] is None:
+                    ckpt_bytes[i] = run.ckpt.size_bytes(done)
+                    if primary:
+                        bar.write(f"checkpoint {run.ckpt.step_dir(done)}: {ckpt_bytes[i] / 1e6:.2f} MB "
+                                  f"(trainable half + optimizer state); full model parameters: "
+                                  f"{model_bytes / 1e6:.2f} MB")
+            if evaluating:
+                bar.set_postfix(loss=f"{losses[0]:.3f}", **{bar_metric: f"{finals[0][bar_metric]:.3f}"})
             elif done % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
-            if ckpt.save(done, view((tr, opt_state)), _checkpoint_meta(run, done, order),
-                         force=done == args.steps) and ckpt_bytes is None:
-                ckpt_bytes = ckpt.size_bytes(done)
-                if primary:
-                    bar.write(f"checkpoint {ckpt.step_dir(done)}: {ckpt_bytes / 1e6:.2f} MB "
-                              f"(trainable half + optimizer state); full model parameters: "
-                              f"{model_bytes / 1e6:.2f} MB")
+                bar.set_postfix(loss=f"{losses[0]:.3f}")
             bar.update(1)
+    finally:
+        for mf in files:
+            mf.close()
     bar.close()
     wall = time.perf_counter() - t_run
-    last = ckpt.latest_step()
-    if last is not None:
-        ckpt_bytes = ckpt.size_bytes(last)
-    ckpt.close()
-
+    results = []
+    own = views((tr, opt_state))
+    for i, run in enumerate(runs):
+        last = run.ckpt.latest_step()
+        if last is not None:
+            ckpt_bytes[i] = run.ckpt.size_bytes(last)
+        run.ckpt.close()
     sync("train_loop:end")  # process 0 has written its last metrics line
-    tr, opt_state = view((tr, opt_state))
-    if final is None:  # resumed at the final step: evaluate now (in every process alike)
-        final = {"step": args.steps, **evaluate(tr)}
-    return LoopResult(tr, opt_state, times, wall, ckpt_bytes, read_metrics(run.metrics_path), final)
+    for i, run in enumerate(runs):
+        run_tr, run_opt = own[i]
+        final = finals[i]
+        if final is None:  # resumed at the final step: evaluate now (in every process alike)
+            final = {"step": args.steps, **evaluates[i](run_tr)}
+        results.append(LoopResult(run_tr, run_opt, times, wall, ckpt_bytes[i], read_metrics(run.metrics_path), final))
+    return results

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+
 import optax
 
 import lora_jax
 
 
-def make_schedule(args):
-    """Linear warmup over ``warmup_ratio·steps``, then cosine decay to 0 at ``steps`` (or constant)."""
+def make_schedule(args, lr=None):
+    """Linear warmup over ``warmup_ratio·steps``, then cosine decay to 0 at ``steps`` (or constant),
+    peaking at ``--lr`` or at `lr` (which may be a traced scalar: a stacked run's per-adapter lr)."""
+    if lr is not None:  # optax's schedules branch on their peak in Python: scale a unit-peak one
+        unit = make_schedule(argparse.Namespace(**{**vars(args), "lr": 1.0}))
+        return lambda count: lr * unit(count)
+    lr = args.lr
     warm = int(round(args.warmup_ratio * args.steps))
     if args.schedule == "constant":
         if warm == 0:
-            return optax.constant_schedule(args.lr)
-        return optax.join_schedules([optax.linear_schedule(0.0, args.lr, warm), optax.constant_schedule(args.lr)], [warm])
-    return optax.warmup_cosine_decay_schedule(0.0, args.lr, warm, max(args.steps, warm + 1), end_value=0.0)
+            return optax.constant_schedule(lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(args.steps, warm + 1), end_value=0.0)
 
 
 def make_optimizer(method: str, schedule, weight_decay: float, compute_dtype=None, clip_norm: float = 0.0,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import lora_jax
 from . import flags, loop, parallel
@@ -61,6 +63,8 @@ class Setup:
     # ``--init lora-ga``: trainable/frozen/num_trainable are None until `Task.run` calls
     # ``pending(mean full gradient)`` -> (trainable, frozen); see `Task.lora_ga_gradient`
     pending: Callable | None = dataclasses.field(default=None, kw_only=True)
+    # the optimizer with its schedule peaking at `lr` (a traced scalar in a stacked run's step)
+    optimizer_at: Callable | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclasses.dataclass
@@ -132,8 +136,13 @@ def build_setup(args, par: parallel.Parallel | None, model, params, *, forward, 
     schedule = make_schedule(args)
     optimizer = make_optimizer(args.method, schedule, args.weight_decay, compute_dtype=compute_dtype,
                                clip_norm=args.clip_norm, loraplus_ratio=args.loraplus_ratio)
+    def optimizer_at(lr):
+        return make_optimizer(args.method, make_schedule(args, lr), args.weight_decay, compute_dtype=compute_dtype,
+                              clip_norm=args.clip_norm, loraplus_ratio=args.loraplus_ratio)
+
     return cls(model, base, trainable, frozen, optimizer, schedule, num_params,
-               None if trainable is None else count(trainable), model_bytes, **(extra or {}), pending=pending)
+               None if trainable is None else count(trainable), model_bytes, **(extra or {}), pending=pending,
+               optimizer_at=optimizer_at)
 
 
 def compile_ahead(step, example: tuple) -> tuple[Callable, dict | None]:
@@ -221,6 +230,7 @@ class Task:
             args.lr = self.default_lr[args.method]
         flags.check_numeric(args)
         flags.check_methods(args)
+        flags.check_stacked(args)
         self.check_args(args)
         return args
 
@@ -243,8 +253,11 @@ class Task:
 
         return par.train_step(loss_fn, setup.optimizer), self.eval_step(setup)
 
-    def run(self, args: argparse.Namespace) -> dict:
-        """Train as `args` say; returns the summary (also written to ``summary.json``)."""
+    def run(self, args: argparse.Namespace) -> dict | list[dict]:
+        """Train as `args` say; returns the summary (also written to ``summary.json``), or with
+        ``--lrs``/``--seeds`` the summaries of the stacked run's adapters (`run_stacked`)."""
+        if args.lrs or args.seeds:
+            return self.run_stacked(args)
         par = parallel.from_args(args)
         self.check_layout(args, par)
         path = self.resolve_model(args.model)
@@ -290,6 +303,75 @@ class Task:
                 plot_runs(args.out)
         return summary
 
+    def run_stacked(self, args: argparse.Namespace) -> list[dict]:
+        """``--lrs``/``--seeds``: one adapter per (lr, seed), trained together by one jitted step
+        vmapped over the adapters (each its own init, batch order, dropout keys, lr schedule and
+        optimizer state; the frozen base shared), each with the run directory, metrics, checkpoints
+        and summary its own run would have (``<name>-lr<lr>-s<seed>``)."""
+        par = parallel.from_args(args)
+        if par.kind != "single":
+            raise ConfigError("--lrs/--seeds run on one device (the adapters are vmapped there); "
+                              f"this layout is {par.describe()}")
+        self.check_layout(args, par)
+        path = self.resolve_model(args.model)
+        base = args.name or args.method
+        each = [argparse.Namespace(**{**vars(args), "lr": lr, "seed": seed, "lrs": None, "seeds": None,
+                                      "name": f"{base}-lr{lr:g}-s{seed}"})
+                for lr in (args.lrs or [args.lr]) for seed in (args.seeds or [args.seed])]
+        jobs = [Job(a, par, path, loop.prepare_run_dir(a), self.build(a, path, par=par)) for a in each]
+        frozen = jobs[0].setup.frozen
+        if args.init != "lora":  # an offset init (pissa, olora): every adapter's base must be the same
+            for job in jobs[1:]:
+                if tree_sha256(job.setup.frozen) != tree_sha256(frozen):
+                    raise ConfigError(f"--init {args.init}: the runs' frozen bases differ; run them one by one")
+        data = self.load_data(jobs[0])
+        eval_step = self.eval_step(jobs[0].setup)
+        opened, orders = [], []
+        for job in jobs:
+            job.data, job.eval_step, job.setup.frozen = data, eval_step, frozen
+            order = loop.BatchOrder(job.args.seed, len(data.train[self.batch_keys[0]]), args.batch_size)
+            config = {**{k: getattr(job.args, k) for k in self.trajectory}, self.model_key: str(path)}
+            opened.append(loop.open_run(job.args, job.run_dir, config, self.trajectory, job.setup.trainable,
+                                        job.setup.optimizer.init(job.setup.trainable),
+                                        legacy=flags.TRAJECTORY_DEFAULTS))
+            orders.append(order)
+        stacked = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+        state = (stacked([o.tr for o in opened]), stacked([o.opt_state for o in opened]))
+        lrs = jnp.asarray([job.args.lr for job in jobs], jnp.float32)
+        setup = jobs[0].setup
+        forward = lora_jax.wrap(setup.model.apply)
+
+        def one(tr, opt_state, fr, batch, key, lr):
+            loss, grads = jax.value_and_grad(lambda t: self.loss(forward, combined(t, fr), batch, key))(tr)
+            updates, opt_state = setup.optimizer_at(lr).update(grads, opt_state, tr)
+            return optax.apply_updates(tr, updates), opt_state, loss
+
+        many = jax.jit(jax.vmap(one, in_axes=(0, 0, None, 0, 0, 0)), donate_argnums=(0, 1))
+        train = data.train
+
+        def step(tr, opt_state, k):
+            batch = {name: jnp.stack([train[name][o.indices(k)] for o in orders]) for name in self.batch_keys}
+            keys = jnp.stack([loop.step_key(job.args.seed, k) for job in jobs])
+            tr, opt_state, losses = many(tr, opt_state, frozen, batch, keys, lrs)
+            return tr, opt_state, list(losses)
+
+        n = len(jobs)
+        fields = [self.before_training(job) for job in jobs]
+        results = loop.train_loop_many(
+            opened, step=step, state=state, schedules=[job.setup.schedule for job in jobs], orders=orders,
+            evaluates=[functools.partial(self.evaluate, job) for job in jobs], bar_metric="eval_acc",
+            model_bytes=setup.model_bytes, desc=f"{args.method} ×{n}",
+            views=lambda st: [jax.tree.map(lambda x: x[i], st) for i in range(n)])
+        summaries = []
+        for job, res, own in zip(jobs, results, fields):
+            summary = self.summarize(job, res, {**own, **self.after_training(job, res), "stacked_with": n})
+            if is_primary():
+                (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            summaries.append(summary)
+        if is_primary() and not args.no_plot:
+            plot_runs(args.out)
+        return summaries
+
     def finish_lora_ga(self, job: Job, order: loop.BatchOrder) -> None:
         """``--init lora-ga``: the mean full gradient of the base model's loss over the first
         ``--ga-batches`` batches of the run's order (the batches steps 0, 1, ... train on, as PEFT's
@@ -329,7 +411,8 @@ class Task:
         ck_txt = (f", checkpoint {ck / 1e6:.2f} MB vs full model params {s['full_model_param_bytes'] / 1e6:.2f} MB"
                   if ck else "")
         sps = s.get("sec_per_step")
-        return (f"{s['method']} seed {s['seed']}: {s['trainable_params']:,} trainable params, "
+        lr = f" lr {s['lr']:g}" if s.get("stacked_with") else ""  # which of a stacked run's adapters
+        return (f"{s['method']}{lr} seed {s['seed']}: {s['trainable_params']:,} trainable params, "
                 f"{self.score_text(s)}, train loss (last 10%) {s['train_loss_last10pct']:.4f}, "
                 f"{'n/a' if sps is None else f'{sps:.3f}'} s/step{ck_txt}")
 
@@ -341,7 +424,8 @@ class Task:
         init_distributed(args)  # before anything touches a device
         summary = self.run(args)
         if is_primary():
-            print(self.format_summary(summary))
+            for s in summary if isinstance(summary, list) else [summary]:
+                print(self.format_summary(s))
         return summary
 
     def cli(self, argv: list[str] | None = None) -> int:
