@@ -41,13 +41,15 @@ METHODS = {
     "lora-pro": (["--method", "lora-pro"], "LoRA-Pro efficient (lora_pro + AdamW)"),
     "lora-pro-adamw": (["--method", "lora-pro-adamw"], "LoRA-Pro full (Algorithm 2)"),
 }
-# half-decade exponents k (lr 10^(k/2)), 3 per method: LoRA's usual range for the adapter methods;
-# full FT's for full FT and Algorithm 2 (which steps on full FT's scale); lower for the methods
-# whose effective step is larger at equal lr (rsLoRA's scale is √r = 2.8× LoRA's, LoRA+'s b 16×,
-# PiSSA's and LoRA-GA's factors start nonzero)
-GRIDS = {"full": (-10, -9, -8), "lora": (-7, -6, -5), "pissa": (-8, -7, -6), "rslora": (-8, -7, -6),
-         "lora-plus": (-8, -7, -6), "dora": (-7, -6, -5), "lora-ga": (-8, -7, -6), "riemannian": (-7, -6, -5),
-         "lora-pro": (-7, -6, -5), "lora-pro-adamw": (-10, -9, -8)}
+# half-decade exponents k (lr 10^(k/2)), 3 per method, centred on the choices of a pilot sweep on the
+# movie reviews (2026-12-03, cut off after 51 runs; its extensions are what moved these): LoRA's usual
+# range for LoRA and LoRA-GA's and PiSSA's nonzero starts one step lower; full FT and Algorithm 2
+# (which steps on full FT's scale) on full FT's scale; DoRA, the Riemannian preconditioner and the
+# efficient LoRA-Pro half a decade above LoRA (the pilot chose their top lr); the grid still extends
+# past an end the choice lands on
+GRIDS = {"full": (-8, -7, -6), "lora": (-7, -6, -5), "pissa": (-7, -6, -5), "rslora": (-7, -6, -5),
+         "lora-plus": (-7, -6, -5), "dora": (-6, -5, -4), "lora-ga": (-7, -6, -5), "riemannian": (-6, -5, -4),
+         "lora-pro": (-6, -5, -4), "lora-pro-adamw": (-9, -8, -7)}
 RUN_NAME = re.compile(r"^(?P<method>.+)-lr(?P<lr>[0-9.e+-]+)-s(?P<seed>\d+)$")
 
 
