@@ -6,7 +6,7 @@ The peers live in their own virtual environment (``.venv-peers`` at the reposito
 ``$LORA_JAX_PEERS_VENV``), created by `ensure_venv` when missing: ``pip install torch==2.13.0``
 first (the CPU build this machine's pip takes from its local wheel; letting pip choose another
 version pulls a multi-GB CUDA build), then transformers, peft, lora-pro-adamw and safetensors with
-that torch pinned. The PyTorch side runs there as a subprocess (support/peers_worker.py, one job
+that torch pinned, and gguf (transformers' GGUF loader needs it). The PyTorch side runs there as a subprocess (support/peers_worker.py, one job
 per call with `run_worker`, or the timing server `Server`), the JAX side in this process; both
 hold the same weights (written once as a HF state dict), the same batch (random token ids, no
 padding, random labels), rank, alpha and targets (every attention and FFN Linear:
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "support" / "peers_worker.py"
 DEFAULT_VENV = ROOT / ".venv-peers"
 TORCH = "torch==2.13.0"
-PEER_PACKAGES = ("transformers==5.24.0", "peft==0.21.2", "lora-pro-adamw==0.2.1", "safetensors")
+PEER_PACKAGES = ("transformers==5.24.0", "peft==0.21.2", "lora-pro-adamw==0.2.1", "safetensors", "gguf>=0.10")
 
 JAX_METHODS = ("jax_full", "jax_lora", "jax_lora_pro_efficient", "jax_lora_pro_adamw")
 TORCH_METHODS = ("full", "lora", "lora_pro_full", "lora_pro_efficient")
@@ -56,13 +56,13 @@ def venv_dir() -> Path:
 
 
 def peers_python(check: bool = True) -> Path | None:
-    """The peers venv's python if it exists and imports torch, transformers, peft and lora_pro
-    (``check``); else None."""
+    """The peers venv's python if it exists and imports torch, transformers, peft, lora_pro and
+    gguf (``check``); else None."""
     py = venv_dir() / "bin" / "python"
     if not py.is_file():
         return None
     if check:
-        r = subprocess.run([str(py), "-c", "import torch, transformers, peft, lora_pro, safetensors"],
+        r = subprocess.run([str(py), "-c", "import torch, transformers, peft, lora_pro, safetensors, gguf"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             return None

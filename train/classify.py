@@ -61,11 +61,10 @@ import numpy as np
 import optax
 
 import lora_jax
-from . import bert, peft_format
+from . import bert, flags, peft_format
 from .assets import minilm_dir
 from .data import DATASETS, DEFAULT_DATASET, load, tokenizer_from
 from .errors import ConfigError
-from .flags import LORA_METHODS
 from .hosts import is_primary, to_host
 from .task import Job, Setup, Task, build_setup
 
@@ -187,16 +186,7 @@ class Classify(Task):
         if args.val_limit and args.train_limit is None:
             raise ConfigError("--val-limit takes the training examples after the first --train-limit ones: "
                               "give --train-limit too")
-        if args.export_peft is not None and args.method == "dora" and args.lora_dropout:
-            raise ConfigError("--export-peft --method dora: PEFT applies LoRA dropout to DoRA's scaled part "
-                              "differently (lora_jax.apply's dora), so train with --lora-dropout 0 to export")
-        if args.export_peft is not None and args.init in ("pissa", "olora", "lora-ga"):
-            raise ConfigError(f"--export-peft: --init {args.init} trains against an offset base kernel "
-                              f"(w − s·a₀b₀), so its adapters are not a LoRA of the original model; "
-                              f"export from a run with --init lora or gaussian")
-        if args.export_peft is not None and args.method not in (*LORA_METHODS, "dora"):
-            raise ConfigError(f"--export-peft writes LoRA adapters; --method {args.method} trains none "
-                              f"(use one of {', '.join(LORA_METHODS)})")
+        flags.check_export_peft(args)
 
     def check_layout(self, args, par) -> None:
         if args.dataset not in DATASETS:

@@ -103,8 +103,10 @@ def check_stacked(args: argparse.Namespace) -> None:
     if args.init == "lora-ga":
         raise ConfigError("--init lora-ga with --lrs/--seeds: its init offsets the frozen kernels by each run's "
                           "gradient estimate, so the adapters would not share a base; run them one by one")
-    if getattr(args, "export_peft", None) is not None:
-        raise ConfigError("--export-peft with --lrs/--seeds: export each adapter from its run directory")
+    exports = [f"--{n.replace('_', '-')}" for n in ("export_peft", "export_merged", "export_gguf")
+               if getattr(args, n, None) is not None]
+    if exports:
+        raise ConfigError(f"{' and '.join(exports)} with --lrs/--seeds: export each adapter from its run directory")
     for name in ("lrs", "seeds"):
         values = getattr(args, name) or []
         if len(set(values)) != len(values):
@@ -113,6 +115,23 @@ def check_stacked(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lrs must all be > 0, got {args.lrs}")
     if any(v < 0 for v in args.seeds or []):
         raise ConfigError(f"--seeds must all be >= 0, got {args.seeds}")
+
+
+def check_export_peft(args: argparse.Namespace) -> None:
+    """Refusals of ``--export-peft``: what a PEFT LoRA adapter on the original model cannot hold."""
+    if getattr(args, "export_peft", None) is None:
+        return
+    if args.method not in (*LORA_METHODS, "dora"):
+        raise ConfigError(f"--export-peft writes LoRA adapters; --method {args.method} trains none "
+                          f"(use one of {', '.join(LORA_METHODS)}, dora)")
+    if args.method == "dora" and getattr(args, "lora_dropout", 0.0):
+        raise ConfigError("--export-peft --method dora: PEFT applies LoRA dropout to DoRA's scaled part "
+                          "differently (lora_jax.apply's dora), so train with --lora-dropout 0 to export")
+    if args.init in ("pissa", "olora", "lora-ga"):
+        raise ConfigError(f"--export-peft: --init {args.init} trains against an offset base kernel "
+                          f"(w − s·a₀b₀), so its adapters are not a LoRA of the original model; "
+                          f"export from a run with --init lora or gaussian"
+                          + (", or export the merged model" if hasattr(args, "export_merged") else ""))
 
 
 def check_methods(args: argparse.Namespace) -> None:

@@ -82,11 +82,12 @@ import numpy as np
 import optax
 
 import lora_jax
-from . import arith, llama
+from . import arith, flags, llama, lm_export, peft_format
 from .assets import smollm2_gguf
 from .errors import ConfigError
+from .hosts import to_host
 from .metrics import nbytes
-from .task import Job, Setup, Task, build_setup
+from .task import Job, Setup, Task, build_setup, combined
 
 BASES = {"f32": "every weight dequantized to float32",
          "q4": "QLoRA: the GGUF's Q4_1/Q8_0 blocks stay in memory, dequantized where each is used "
@@ -219,10 +220,35 @@ class LM(Task):
                        help="also report at the end val_acc, exact match on the N training-split problems "
                             "that follow the --train-limit ones (never trained on): for choosing settings "
                             "without the held-out set")
+        p.add_argument("--export-peft", default=None, metavar="DIR",
+                       help="after training, write the adapters as a PEFT adapter directory (adapter_config.json "
+                            "+ adapter_model.safetensors) for peft.PeftModel.from_pretrained onto transformers' "
+                            "LlamaForCausalLM, vLLM or TGI (train.peft_format); LoRA methods and dora")
+        p.add_argument("--export-merged", default=None, metavar="DIR",
+                       help="after training, write the merged model as a Hugging Face directory (config.json, "
+                            "model.safetensors, tokenizer, generation config) for "
+                            "transformers.AutoModelForCausalLM.from_pretrained (train.lm_export.write_hf)")
+        p.add_argument("--export-dtype", default=None, choices=sorted(lm_export.DTYPES),
+                       help="--export-merged: the safetensors' dtype (default: the model's, float32)")
+        p.add_argument("--export-gguf", default=None, metavar="FILE",
+                       help="after training, write the merged model as a GGUF file for llama.cpp, Ollama, "
+                            "LM Studio (tokenizer and chat template from the source GGUF: .gguf models only; "
+                            "train.lm_export.write_gguf)")
+        p.add_argument("--gguf-type", default="F32", choices=sorted(lm_export.GGUF_TYPES),
+                       help="--export-gguf: the 2-D weights' type (norms stay F32)")
 
     def check_args(self, args) -> None:
         if args.val_limit < 0:
             raise ConfigError(f"--val-limit {args.val_limit} must be ≥ 0")
+        flags.check_export_peft(args)
+        if args.export_gguf is not None and not (args.model in self.models or args.model.endswith(".gguf")):
+            raise ConfigError(f"--export-gguf carries the tokenizer and chat template over from the source GGUF; "
+                              f"--model {args.model} is not a .gguf (use --export-merged, then llama.cpp's "
+                              f"convert_hf_to_gguf.py)")
+        if args.export_dtype is not None and args.export_merged is None:
+            raise ConfigError("--export-dtype is the dtype of --export-merged: give --export-merged DIR too")
+        if args.gguf_type != "F32" and args.export_gguf is None:
+            raise ConfigError("--gguf-type is the type of --export-gguf: give --export-gguf FILE too")
         if args.base == "q4" and args.method == "full":
             raise ConfigError("--base q4 keeps the base weights quantized (frozen): use a LoRA method, not --method full")
         if args.base == "q4" and args.init not in ("lora", "gaussian"):
@@ -343,8 +369,29 @@ class LM(Task):
                 if d.base_samples is not None:
                     rec["base_reply"], rec["base_correct"] = d.base_samples[i]["reply"], d.base_samples[i]["correct"]
                 f.write(json.dumps(rec) + "\n")
+        fields.update(self.export(job, result))
         return {**fields, "base": args.base, "frozen_param_bytes": nbytes(setup.frozen) if setup.frozen is not None else 0,
                 "eval_examples": len(d.eval_probs), "train_examples": len(d.train["input_ids"]), "max_len": d.max_len}
+
+    def export(self, job: Job, result) -> dict:
+        """The ``--export-*`` outputs of the trained model; their paths for the summary."""
+        args, setup = job.args, job.setup
+        if not (args.export_peft or args.export_merged or args.export_gguf):
+            return {}
+        tree = jax.tree.map(to_host, combined(result.tr, setup.frozen))
+        config, out = setup.model.config, {}
+        if args.export_peft is not None:
+            out["peft_dir"] = str(peft_format.export_peft(args.export_peft, tree, config, rslora=args.rslora,
+                                                          base_model_name_or_path=str(job.path)))
+        if args.export_merged is not None:
+            out["merged_dir"] = str(lm_export.write_hf(args.export_merged, tree, config, setup.tokenizer,
+                                                       dtype=args.export_dtype))
+        if args.export_gguf is not None:
+            out["gguf_file"] = str(lm_export.write_gguf(args.export_gguf, tree, config, job.path,
+                                                        qtype=args.gguf_type))
+        for k, v in out.items():
+            print(f"{k.replace('_', ' ')}: {v}", file=sys.stderr)
+        return out
 
     def score_text(self, s: dict) -> str:
         base = f"base {s['base_eval_acc']:.4f} -> " if s.get("base_eval_acc") is not None else ""

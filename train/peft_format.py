@@ -1,34 +1,47 @@
-"""LoRA adapters of the BERT `Classifier` (train/bert.py) in PEFT's on-disk format, both ways.
+"""LoRA adapters in PEFT's on-disk format, both ways, for the two architectures of `train/`: the
+BERT `Classifier` (train/bert.py, as ``BertForSequenceClassification``) and the `Llama` decoder
+(train/llama.py, as ``LlamaForCausalLM``). What differs between them is a `Mapping` (`mapping_for`
+its config): our kernel paths → HF module paths, PEFT's task type, and the head PEFT keeps whole.
 
 A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. For a
-``BertForSequenceClassification`` wrapped by PEFT (``task_type="SEQ_CLS"``), peft 0.21's
-``save_pretrained`` writes (checked by running it; see bench/RESULTS.md, "PEFT side by side"):
+model wrapped by PEFT, peft 0.21's ``save_pretrained`` writes (checked by running it; see
+bench/RESULTS.md, "PEFT side by side"):
 
-* ``base_model.model.bert.<module>.lora_A.weight`` (r, in) and ``….lora_B.weight`` (out, r) for
-  every adapted Linear, ``<module>`` being the HF module path (``encoder.layer.0.attention.self.query``);
-* ``base_model.model.classifier.weight`` (classes, hidden) and ``….bias`` for the head kept whole
-  (``modules_to_save``; the adapter name and ``modules_to_save.`` are stripped on save);
+* ``base_model.model.<module>.lora_A.weight`` (r, in) and ``….lora_B.weight`` (out, r) for every
+  adapted Linear, ``<module>`` being the HF module path (``bert.encoder.layer.0.attention.self.query``;
+  ``model.layers.0.self_attn.q_proj``);
+* for the classifier (``task_type="SEQ_CLS"``), ``base_model.model.classifier.weight`` (classes,
+  hidden) and ``….bias`` for the head kept whole (``modules_to_save``; the adapter name and
+  ``modules_to_save.`` are stripped on save); a causal LM (``"CAUSAL_LM"``) has no such head;
 * for DoRA (``use_dora: true``) also ``….lora_magnitude_vector`` (out,) per adapted Linear: PEFT
   saves its ``lora_magnitude_vector[adapter].weight`` under that name, without ``.weight``;
 * ``r``, ``lora_alpha``, ``rank_pattern``/``alpha_pattern`` for modules whose rank or alpha differ
   from the global ones, ``use_rslora`` (scale alpha/√r instead of alpha/r), ``target_modules``.
 
-In this project's kernel orientation (train/bert.py: a Linear weight W (out, in) is the kernel
-K = Wᵀ (in, out); a LoRA node holds a (in, r), b (r, out), K = w + scale·a@b) that is
-``lora_A.weight = aᵀ``, ``lora_B.weight = bᵀ``, ``scale = lora_alpha / r`` — the same delta:
-PEFT's ΔW = scale·B A = scale·(a b)ᵀ; a DoRA node's ``m`` (out,) is PEFT's magnitude as it is
-(both the norm of ``W + scale·B A`` per output unit, over the input axis).
+In this project's kernel orientation (a Linear weight W (out, in) is the kernel K = Wᵀ (in, out);
+a LoRA node holds a (in, r), b (r, out), K = w + scale·a@b) that is ``lora_A.weight = aᵀ``,
+``lora_B.weight = bᵀ``, ``scale = lora_alpha / r`` — the same delta: PEFT's ΔW = scale·B A =
+scale·(a b)ᵀ; a DoRA node's ``m`` (out,) is PEFT's magnitude as it is (both the norm of
+``W + scale·B A`` per output unit, over the input axis).
 
-The HF names come from `train.bert.hf_key_map`; the Linen tree is that of `Classifier`
+BERT: the HF names come from `train.bert.hf_key_map`; the Linen tree is that of `Classifier`
 (``{"encoder": BertEncoder params, "head": {"kernel", "bias"}}``), HF's modules are those of
 ``BertForSequenceClassification`` (``bert.*`` and ``classifier``). Note that HF's classifier pools
 with the tanh pooler on [CLS] — our ``pooling="pooler"``; adapters trained with ``"mean"`` or
 ``"cls"`` pooling are still valid encoder adapters, but HF's head sees a different vector.
 
+Llama: the names come from `train.llama.hf_key_map` (``layers_i/self_attn/q_proj/kernel`` →
+``model.layers.i.self_attn.q_proj``). `train.llama.load_gguf` already puts ``attn_q``/``attn_k``
+rows back in HF's order (llama.cpp permutes them for ggml's RoPE), so the q/k adapters' output
+columns are in HF's order too and go out as they are; a merged GGUF permutes the merged rows
+again (`train.lm_export`). Adapters on the embedding or the LM head have no PEFT Linear here and
+are refused.
+
 `export_peft(dir, params, config)` writes a directory; `import_peft(dir, params, config)` puts the
-adapters onto a plain parameter tree as `lora_jax.LoRA` nodes (and the saved head over ours);
-`hf_state_dict(params, config)` is the whole model as a ``BertForSequenceClassification`` state
-dict (NumPy), for handing identical weights to PyTorch.
+adapters onto a plain parameter tree as `lora_jax.LoRA` nodes (and, for BERT, the saved head over
+ours); `hf_state_dict(params, config)` is the whole BERT model as a
+``BertForSequenceClassification`` state dict (NumPy), for handing identical weights to PyTorch
+(the Llama one is `train.lm_export.hf_state_dict`).
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lora_jax import LoRA, is_lora
+from . import llama
 from .bert import BertConfig, hf_key_map
 
 CONFIG_NAME = "adapter_config.json"
@@ -74,6 +88,37 @@ def module_map(config: BertConfig, with_pooler: bool = True) -> dict[tuple[str, 
         if transpose and key.endswith(".weight"):
             out[("encoder",) + tuple(path)] = f"{ENCODER_MODULE}.{key[:-len('.weight')]}"
     return out
+
+
+def llama_module_map(config: llama.LlamaConfig) -> dict[tuple[str, ...], str]:
+    """Our kernel path in the `Llama` tree (``("layers_0", "self_attn", "q_proj", "kernel")``) → HF
+    module path in ``LlamaForCausalLM`` (``"model.layers.0.self_attn.q_proj"``), for the seven
+    projections of every layer (the LM head, a Linear too, is left out: PEFT targets it only by
+    name, and train.lm never adapts it)."""
+    return {tuple(path): key[:-len(".weight")] for key, (path, transpose) in llama.hf_key_map(config).items()
+            if transpose and key.startswith("model.layers.")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """How one architecture's parameter tree meets PEFT's names."""
+
+    modules: dict[tuple[str, ...], str]  # our kernel path -> HF module path, every adaptable Linear
+    task_type: str  # PEFT's task_type: the HF class the adapter is loaded onto
+    model_class: str  # that class's name, for messages
+    head: str | None = None  # our head subtree (a Linear kept whole: PEFT's modules_to_save), if any
+    head_module: str | None = None  # its HF module name
+
+
+def mapping_for(config) -> Mapping:
+    """The `Mapping` of a `train.bert.BertConfig` (the classifier, pooler included) or a
+    `train.llama.LlamaConfig` (the causal LM)."""
+    if isinstance(config, BertConfig):
+        return Mapping(module_map(config, with_pooler=True), "SEQ_CLS", "BertForSequenceClassification",
+                       HEAD, HEAD_MODULE)
+    if isinstance(config, llama.LlamaConfig):
+        return Mapping(llama_module_map(config), "CAUSAL_LM", "LlamaForCausalLM")
+    raise TypeError(f"no PEFT mapping for a {type(config).__name__} (BertConfig or LlamaConfig)")
 
 
 def _get(tree, path):
@@ -151,11 +196,12 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def adapter_tensors(params, config: BertConfig, *, head: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+def adapter_tensors(params, config, *, head: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """``(tensors, per_module)``: PEFT's tensors for the LoRA nodes (and head) of `params`, and
-    ``{hf module: (r, scale, dropout, is DoRA)}``. `params` may be the adapted tree or its trainable half."""
+    ``{hf module: (r, scale, dropout, is DoRA)}``. `params` may be the adapted tree or its trainable
+    half; `config` a `BertConfig` or `LlamaConfig` (`mapping_for`)."""
     p = _params(params)
-    names = module_map(config, with_pooler=True)
+    mapping = mapping_for(config)
     found = {}
 
     leaves = jax.tree_util.tree_flatten_with_path(p, is_leaf=is_lora)[0]
@@ -164,13 +210,16 @@ def adapter_tensors(params, config: BertConfig, *, head: bool = True) -> tuple[d
         path = tuple(str(getattr(k, "key", k)) for k in kp)
         if not is_lora(leaf):
             continue
-        if path not in names:
-            raise PeftFormatError(f"LoRA node at {'/'.join(path)} has no HF module name (PEFT can hold "
-                                  f"adapters on the encoder's Linear layers only)")
+        if path not in mapping.modules:
+            raise PeftFormatError(f"LoRA node at {'/'.join(path)} has no HF module name (PEFT holds adapters on "
+                                  f"{mapping.model_class}'s Linear layers only, e.g. "
+                                  f"{'/'.join(next(iter(mapping.modules)))})")
         if leaf.roles != "io" or np.ndim(leaf.a) != 2:
             raise PeftFormatError(f"LoRA node at {'/'.join(path)}: roles {leaf.roles!r}, a {np.shape(leaf.a)}; "
-                                  "only plain 2-D Linear adapters map onto PEFT's lora_A/lora_B")
-        mod = names[path]
+                                  "only plain 2-D Linear adapters map onto PEFT's lora_A/lora_B"
+                                  + (" (stacked adapters: lora_jax.unstack them and export each)"
+                                     if leaf.num_adapters is not None else ""))
+        mod = mapping.modules[path]
         a, b = _np(leaf.a), _np(leaf.b)
         tensors[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = np.ascontiguousarray(a.T)  # (r, in)
         tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = np.ascontiguousarray(b.T)  # (out, r)
@@ -180,20 +229,22 @@ def adapter_tensors(params, config: BertConfig, *, head: bool = True) -> tuple[d
     if not found:
         raise PeftFormatError("no LoRA node in the tree: nothing to export (full fine-tuning and the "
                               "linear probe have no adapters)")
-    if head and HEAD in p and p[HEAD] is not None:
-        hk, hb = _get(p, (HEAD, "kernel")), _get(p, (HEAD, "bias"))
+    if head and mapping.head is not None and isinstance(p, dict) and p.get(mapping.head) is not None:
+        hk, hb = _get(p, (mapping.head, "kernel")), _get(p, (mapping.head, "bias"))
         if hk is not None and hb is not None:
-            tensors[f"{PEFT_PREFIX}{HEAD_MODULE}.weight"] = np.ascontiguousarray(_np(hk).T)
-            tensors[f"{PEFT_PREFIX}{HEAD_MODULE}.bias"] = _np(hb)
+            tensors[f"{PEFT_PREFIX}{mapping.head_module}.weight"] = np.ascontiguousarray(_np(hk).T)
+            tensors[f"{PEFT_PREFIX}{mapping.head_module}.bias"] = _np(hb)
     return tensors, found
 
 
-def export_peft(directory, params, config: BertConfig, *, rslora: bool = False,
+def export_peft(directory, params, config, *, rslora: bool = False,
                 base_model_name_or_path: str | None = None, head: bool = True,
-                task_type: str = "SEQ_CLS") -> Path:
-    """Write the LoRA nodes of `params` (a `Classifier` tree, adapted or its trainable half) as a
-    PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads onto HF's
-    ``BertForSequenceClassification``; the head goes to ``modules_to_save`` (``classifier``).
+                task_type: str | None = None) -> Path:
+    """Write the LoRA nodes of `params` (a `Classifier` or `Llama` tree, adapted or its trainable
+    half; `config` its `BertConfig` or `LlamaConfig`) as a PEFT adapter directory that
+    ``peft.PeftModel.from_pretrained`` loads onto HF's ``BertForSequenceClassification`` (the head
+    going to ``modules_to_save``: ``classifier``) or ``LlamaForCausalLM``. `task_type` defaults to
+    the architecture's (``SEQ_CLS``, ``CAUSAL_LM``).
 
     Each node's rank r and ``scale`` give its ``lora_alpha = scale·r`` (``scale·√r`` with
     `rslora`, which must say how the adapters were built: a node only knows its scale). The most
@@ -201,6 +252,7 @@ def export_peft(directory, params, config: BertConfig, *, rslora: bool = False,
     ``alpha_pattern`` entries under their full module path. ``target_modules`` lists the full
     module paths adapted (exact: a PEFT suffix list such as ``["dense"]`` would also catch the pooler).
     """
+    mapping = mapping_for(config)
     tensors, found = adapter_tensors(params, config, head=head)
     drops = {d for _, _, d, _ in found.values()}
     if len(drops) > 1:
@@ -215,9 +267,11 @@ def export_peft(directory, params, config: BertConfig, *, rslora: bool = False,
                               f"same model")
     per = {m: (r, _number(s * (math.sqrt(r) if rslora else r))) for m, (r, s, *_) in found.items()}
     (r0, alpha0), _ = Counter(per.values()).most_common(1)[0]
+    saves_head = mapping.head_module is not None and any(
+        k.startswith(f"{PEFT_PREFIX}{mapping.head_module}.") for k in tensors)
     cfg = {
         "peft_type": "LORA",
-        "task_type": task_type,
+        "task_type": task_type or mapping.task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r0,
         "lora_alpha": alpha0,
@@ -226,7 +280,7 @@ def export_peft(directory, params, config: BertConfig, *, rslora: bool = False,
         "rank_pattern": {m: r for m, (r, _) in sorted(per.items()) if r != r0},
         "alpha_pattern": {m: a for m, (_, a) in sorted(per.items()) if a != alpha0},
         "use_rslora": bool(rslora),
-        "modules_to_save": [HEAD_MODULE] if any(k.startswith(PEFT_PREFIX + HEAD_MODULE + ".") for k in tensors) else None,
+        "modules_to_save": [mapping.head_module] if saves_head else None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -269,36 +323,37 @@ def read_peft(directory) -> tuple[dict, dict[str, np.ndarray]]:
     return cfg, tensors
 
 
-def import_peft(directory, params, config: BertConfig, *, dtype=None):
-    """`params` (a plain `Classifier` tree, e.g. from `train.bert.init_classifier`) with the PEFT
-    adapter in `directory` put on: each adapted Linear becomes a `lora_jax.LoRA` node (``a =
-    lora_Aᵀ``, ``b = lora_Bᵀ``, ``scale = alpha/r`` or ``alpha/√r``, rank and alpha per module from
+def import_peft(directory, params, config, *, dtype=None):
+    """`params` (a plain `Classifier` or `Llama` tree, e.g. from `train.bert.init_classifier` or
+    `train.llama.load`; `config` its `BertConfig` or `LlamaConfig`) with the PEFT adapter in
+    `directory` put on: each adapted Linear becomes a `lora_jax.LoRA` node (``a = lora_Aᵀ``,
+    ``b = lora_Bᵀ``, ``scale = alpha/r`` or ``alpha/√r``, rank and alpha per module from
     ``rank_pattern``/``alpha_pattern``), and a saved ``classifier`` (``modules_to_save``) replaces
-    the head. Returns the tree in the form it was given (``{"params": …}`` or bare).
+    the classifier's head. Returns the tree in the form it was given (``{"params": …}`` or bare).
 
     A DoRA adapter (``use_dora``) gives nodes with ``m`` = its ``lora_magnitude_vector``.
 
     Refused (`PeftFormatError`): trained biases, fan_in_fan_out, modules with no counterpart
     in the tree (e.g. pooler adapters when the tree has no pooler), unknown keys, shape mismatches.
     """
-
-
+    mapping = mapping_for(config)
     cfg, tensors = read_peft(directory)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise PeftFormatError(f"peft_type {cfg.get('peft_type')!r}: only LORA adapters are read")
     dora = bool(cfg.get("use_dora", False))
     if cfg.get("fan_in_fan_out"):
-        raise PeftFormatError("fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to BERT")
+        raise PeftFormatError(f"fan_in_fan_out adapters (GPT-2 Conv1D) do not apply to {mapping.model_class}")
     if cfg.get("bias", "none") != "none":
         raise PeftFormatError(f"bias={cfg['bias']!r}: trained biases are not read")
     wrapped = isinstance(params, dict) and set(params) == {"params"}
     p = _params(params)
-    with_pooler = "pooler" in p.get("encoder", {})
-    inv = {v: k for k, v in module_map(config, with_pooler=True).items()}
+    inv = {v: k for k, v in mapping.modules.items()}
     r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     rslora = bool(cfg.get("use_rslora", False))
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
     ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    head_key = re.compile(rf"{re.escape(mapping.head_module)}(?:\.modules_to_save(?:\.[^.]+)?)?\.(weight|bias)"
+                          if mapping.head_module else r"(?!)")
 
     mods: dict[str, dict[str, np.ndarray]] = {}
     head: dict[str, np.ndarray] = {}
@@ -309,12 +364,12 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
              or re.fullmatch(r"(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?", k))
         if m:
             mods.setdefault(m.group(1), {})[m.group(2)] = np.asarray(x)
-        elif re.fullmatch(rf"{HEAD_MODULE}(?:\.modules_to_save(?:\.[^.]+)?)?\.(weight|bias)", k):
+        elif head_key.fullmatch(k):
             head[k.rsplit(".", 1)[1]] = np.asarray(x)
         else:
             unknown.append(key)
     if unknown:
-        raise PeftFormatError(f"keys this reader does not know: {unknown[:8]}")
+        raise PeftFormatError(f"keys this reader does not know (for {mapping.model_class}): {unknown[:8]}")
     if not mods:
         raise PeftFormatError(f"{directory}: no lora_A/lora_B weights")
     out = p
@@ -324,15 +379,15 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
             raise PeftFormatError(f"{mod}: has {sorted(ab)}, needs {' and '.join(sorted(need))}"
                                   f"{' (use_dora is ' + str(dora).lower() + ')' if 'lora_magnitude_vector' in ab or dora else ''}")
         if mod not in inv:
-            raise PeftFormatError(f"{mod}: no such Linear in this model's encoder (have e.g. "
-                                  f"{sorted(inv)[:3]}{'; the tree has no pooler' if 'pooler' in mod else ''})")
+            raise PeftFormatError(f"{mod}: no such Linear in this {mapping.model_class} (have e.g. "
+                                  f"{sorted(inv)[:3]})")
         path = inv[mod]
-        if "pooler" in mod and not with_pooler:
-            raise PeftFormatError(f"{mod}: the adapter adapts the pooler but the tree has none "
-                                  "(build the Classifier with pooling='pooler')")
         w = _get(out, path)
-        if w is None or is_lora(w):
-            raise PeftFormatError(f"{'/'.join(path)} missing from the tree, or already a LoRA node")
+        if w is None:
+            raise PeftFormatError(f"{mod}: the adapter adapts {'/'.join(path)} but the tree has none"
+                                  + (" (build the Classifier with pooling='pooler')" if "pooler" in mod else ""))
+        if is_lora(w):
+            raise PeftFormatError(f"{'/'.join(path)} is already a LoRA node")
         A, B = ab["lora_A"], ab["lora_B"]
         r = int(_pattern_value(ranks, mod, r0))
         if A.shape != (r, w.shape[0]) or B.shape != (w.shape[1], r):
@@ -352,18 +407,20 @@ def import_peft(directory, params, config: BertConfig, *, dtype=None):
                     dropout=dropout, m=mag)
         out = _set(out, path, node)
     if head:
+        hname = mapping.head_module
         if set(head) != {"weight", "bias"}:
-            raise PeftFormatError(f"classifier: has {sorted(head)}, needs weight and bias")
-        if HEAD not in out:
-            raise PeftFormatError("the adapter saves a classifier head but the tree has none")
-        hk = out[HEAD]["kernel"]
+            raise PeftFormatError(f"{hname}: has {sorted(head)}, needs weight and bias")
+        if mapping.head not in out:
+            raise PeftFormatError(f"the adapter saves a {hname} head but the tree has none")
+        hk = out[mapping.head]["kernel"]
         if head["weight"].T.shape != tuple(hk.shape):
-            raise PeftFormatError(f"classifier.weight {head['weight'].shape} does not fit the head kernel "
+            raise PeftFormatError(f"{hname}.weight {head['weight'].shape} does not fit the head kernel "
                                   f"{tuple(hk.shape)} (num_classes differ?)")
-        out = _set(out, (HEAD, "kernel"), jnp.asarray(head["weight"].T, hk.dtype))
-        out = _set(out, (HEAD, "bias"), jnp.asarray(head["bias"], out[HEAD]["bias"].dtype))
+        out = _set(out, (mapping.head, "kernel"), jnp.asarray(head["weight"].T, hk.dtype))
+        out = _set(out, (mapping.head, "bias"), jnp.asarray(head["bias"], out[mapping.head]["bias"].dtype))
     return {"params": out} if wrapped else out
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PeftFormatError", "adapter_tensors", "export_peft",
-           "hf_config_dict", "hf_state_dict", "import_peft", "module_map", "read_peft"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "Mapping", "PeftFormatError", "adapter_tensors", "export_peft",
+           "hf_config_dict", "hf_state_dict", "import_peft", "llama_module_map", "mapping_for", "module_map",
+           "read_peft"]
