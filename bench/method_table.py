@@ -12,9 +12,10 @@ Every run is one ``python -m train.classify`` process (`support.runs.train_run`)
 lr grid has 3 half-decade values, extended past an end the choice lands on (`support.lr_grid`);
 the choice is on ``--val-limit`` training sentences no run trains on, never the held-out split.
 
-Budget (2 CPU cores): 2 datasets x 10 methods x (3 grid lrs + 2 more seeds) = 100 runs of 100 steps
-of batch 16 plus the extensions; about a minute each with the compilation cache warm (see the
-section of bench/RESULTS.md for the measured wall time).
+Budget (2 CPU cores, ≤ 2 hours): 2 datasets x 10 methods x (3 grid lrs + 2 more seeds) = 100 runs
+of 60 steps of batch 16 plus the extensions; 65–80 s each (at 100 steps a run took 85–92 s, too many
+for the budget). The grids are centred on a pilot sweep's choices, which keeps extensions few (the
+section of bench/RESULTS.md has the measured wall time).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """train.lm's exports against transformers and PEFT on the real SmolLM2-135M-Instruct.
 
-    python -m bench.lm_export            # prints the figures; --json PATH writes them too
+    python -m bench.lm_export            # prints the figures, writes bench/results/lm_export.json
+                                         # and its section of bench/RESULTS.md
 
 JAX side (here): ``train.lm --model smollm2 --method lora`` for a few steps with ``--export-peft``,
 ``--export-merged`` and ``--export-gguf`` (F32), and a second GGUF in Q8_0 written from the same
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Serving what you trained: train.lm's exports in transformers and PEFT (SmolLM2)"
 GEN_TOKENS = 16
 STEPS = 4
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -269,18 +271,35 @@ def report(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--torch-side", metavar="SPEC", help=argparse.SUPPRESS)
-    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "lm_export.json",
+                    help="write the figures here")
+    ap.add_argument("--no-results", action="store_true", help="print only: no JSON, no RESULTS.md section")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, help="keep the files here")
     args = ap.parse_args(argv)
     if args.torch_side:
         torch_side(args.torch_side)
         return 0
+    t0 = time.time()
     res = run(args.workdir, threads=args.threads)
-    print(report(res))
-    if args.json:
+    res["wall_s"] = round(time.time() - t0)
+    text = report(res)
+    print(text)
+    if not args.no_results:
+        import datetime
+        import platform
+
+        from support.runs import write_section
+
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=1))
+        body = "\n".join(f"- {line}" if not line.startswith("  ") else f"  {line.strip()}" for line in text.splitlines())
+        write_section(ROOT / "bench" / "RESULTS.md", SECTION, "\n".join([
+            SECTION, "",
+            f"`python -m bench.lm_export` ({datetime.date.today()}, {platform.machine()} CPU, {res['wall_s']} s; "
+            f"what is compared: `support/lm_export_check.py`). rel = max|ours − theirs| / max|theirs| over "
+            f"each prompt's logits, float32 on both sides; ours is the adapted tree restored from the run's "
+            f"checkpoint, not read from any export.", "", body, ""]))
     return 0
 
 

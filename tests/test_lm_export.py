@@ -321,3 +321,36 @@ def test_smollm2_exports_load_in_transformers_and_peft(tmp_path):
     i = res["peft_import"]
     assert i["max_rel_err"] <= 1e-4 and all(i["argmax_equal"])
     assert i["round_trip"] == {"same_keys": True, "bitwise_equal": True, "config_equal": True}
+
+
+def test_qwix_lora_on_the_llama_merges_then_writes(tiny, tmp_path):
+    """Qwix's LoRA on this Linen Llama (sibling ``kernel_lora_a``/``kernel_lora_b`` leaves): the
+    writers refuse the factors unmerged, and with ``pairs=`` write the model Qwix runs."""
+    qwix = pytest.importorskip("qwix")
+    provider = qwix.LoraProvider(module_path=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                                 rank=4, alpha=8.0)
+    qmodel = qwix.quantize_model(tiny["model"], provider)
+    ids = jnp.asarray([IDS])
+    init = qmodel.init(jax.random.key(0), ids)["params"]
+    rng = np.random.default_rng(0)
+
+    def fill(path, x):  # our base weights; b nonzero
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name.endswith("_lora_b"):
+            return jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
+        if name.endswith("_lora_a"):
+            return x
+        node = tiny["params"]
+        for k in path:
+            node = node[str(getattr(k, "key", k))]
+        return node
+
+    params = jax.tree_util.tree_map_with_path(fill, init)
+    theirs = np.asarray(qmodel.apply({"params": params}, ids)[0])
+    with pytest.raises(lm_export.ExportError, match="pass pairs=dict"):
+        lm_export.write_hf(tmp_path / "x", params, tiny["config"], None)
+    lm_export.write_hf(tmp_path / "hf", params, tiny["config"], tiny["tok"], pairs=dict(scale=2.0))
+    lm_export.write_gguf(tmp_path / "m.gguf", params, tiny["config"], tiny["path"], pairs=dict(scale=2.0))
+    for loaded in (llama.load_hf(tmp_path / "hf")[1], llama.load_gguf(tmp_path / "m.gguf")[1]):
+        assert rel(logits(tiny, loaded), theirs) < 1e-5
+    assert not np.allclose(theirs, logits(tiny, tiny["params"]), atol=1e-3)

@@ -1,7 +1,11 @@
 """A trained `Llama` out to the tools people serve with: a merged Hugging Face directory and GGUF.
 
-* `merged_weights(params)`: the plain float tree a server needs — LoRA/DoRA nodes merged
-  (`lora_jax.merge`), `lora_jax.Quantized` leaves (``--base q4``) dequantized.
+* `merged_weights(params, pairs=None)`: the plain float tree a server needs — LoRA/DoRA nodes
+  merged (`lora_jax.merge`), `lora_jax.Quantized` leaves (``--base q4``) dequantized, and with
+  ``pairs=dict(scale=alpha / rank, ...)`` sibling factor leaves (Qwix's ``kernel_lora_a``/
+  ``kernel_lora_b`` on this Linen model, `lora_jax.paired` trees) folded in by
+  `lora_jax.merge_pairs` (its keywords). Both writers take `pairs` too, and refuse a tree with
+  leaves they would not write (unmerged factors would otherwise be dropped without a word).
 * `write_hf(dir, params, config, tokenizer)`: ``config.json`` (``LlamaForCausalLM``),
   ``model.safetensors`` (HF key names, Linear weights (out, in); in the params' dtype or `dtype`),
   ``tokenizer.json`` + ``tokenizer_config.json`` (special tokens, chat template) and
@@ -48,11 +52,27 @@ class ExportError(ValueError):
     """A parameter tree or source that cannot be written in the asked format."""
 
 
-def merged_weights(params) -> dict:
-    """`params` as plain arrays on the host: LoRA nodes merged, quantized leaves dequantized (float32)."""
+def merged_weights(params, pairs: dict | None = None) -> dict:
+    """`params` as plain arrays on the host: LoRA nodes merged, quantized leaves dequantized
+    (float32), sibling factor pairs merged with ``lora_jax.merge_pairs(tree, **pairs)``."""
     tree = lora_jax.merge(params)
+    if pairs is not None:
+        tree = lora_jax.merge_pairs(tree, **pairs)
     return jax.tree.map(lambda x: np.asarray(x.dequantize() if lora_jax.is_quantized(x) else x), tree,
                         is_leaf=lora_jax.is_quantized)
+
+
+def _check_all_written(params, paths, where: str) -> None:
+    """Refuse leaves of `params` outside `paths` (what the format writes)."""
+    root = params.get("params", params) if isinstance(params, dict) else params
+    leaves = jax.tree_util.tree_flatten_with_path(root, is_leaf=lambda x: lora_jax.is_lora(x) or lora_jax.is_quantized(x))[0]
+    have = {tuple(str(getattr(k, "key", k)) for k in kp) for kp, _ in leaves}
+    extra = sorted("/".join(p) for p in have - set(paths))
+    if extra:
+        hint = (" — factor leaves of Qwix or lora_jax.paired: pass pairs=dict(scale=alpha / rank) to merge them"
+                if any("lora" in e for e in extra) else "")
+        raise ExportError(f"{where}: {len(extra)} leaves are not weights of the Llama model and would be left "
+                          f"out: {extra[:6]}{hint}")
 
 
 def _leaf(params: dict, path: tuple[str, ...], where: str) -> np.ndarray:
@@ -70,6 +90,7 @@ def hf_state_dict(params, config: LlamaConfig, dtype=None) -> dict[str, np.ndarr
     """A plain `Llama` tree (`merged_weights`) as a ``LlamaForCausalLM`` state dict: HF key names
     (`train.llama.hf_key_map`, the inverse of `load_hf`), Linear weights transposed back to (out,
     in), cast to `dtype` (a NumPy/ml_dtypes dtype; default: each array's own)."""
+    _check_all_written(params, [p for p, _ in hf_key_map(config).values()], "hf_state_dict")
     out = {}
     for key, (path, transpose) in hf_key_map(config).items():
         x = _leaf(params, path, "hf_state_dict")
@@ -122,12 +143,13 @@ def write_tokenizer(directory: Path, tok: LlamaTokenizer, config: LlamaConfig) -
 
 
 def write_hf(directory, params, config: LlamaConfig, tokenizer: LlamaTokenizer | None, *,
-             dtype: str | None = None) -> Path:
-    """Write `params` (adapted or plain; merged here) as a HF ``LlamaForCausalLM`` directory;
-    `dtype` one of `DTYPES` (default: the params' own, float32 where mixed)."""
+             dtype: str | None = None, pairs: dict | None = None) -> Path:
+    """Write `params` (adapted or plain; merged here, `pairs` as in `merged_weights`) as a HF
+    ``LlamaForCausalLM`` directory; `dtype` one of `DTYPES` (default: the params' own, float32
+    where mixed)."""
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
-    plain = merged_weights(params)
+    plain = merged_weights(params, pairs)
     dtype = dtype or _dtype_name(plain)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,9 +177,10 @@ def _gguf_tensor(name: str, w: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf
         gguf.GGMLQuantizationType.Q8_0
 
 
-def write_gguf(path, params, config: LlamaConfig, source, *, qtype: str = "F32") -> Path:
-    """Write `params` (adapted or plain; merged here) as a GGUF file with `source`'s metadata (the
-    GGUF the model was loaded from: its tokenizer and chat template travel) — see the module doc."""
+def write_gguf(path, params, config: LlamaConfig, source, *, qtype: str = "F32", pairs: dict | None = None) -> Path:
+    """Write `params` (adapted or plain; merged here, `pairs` as in `merged_weights`) as a GGUF file
+    with `source`'s metadata (the GGUF the model was loaded from: its tokenizer and chat template
+    travel) — see the module doc."""
     if qtype not in GGUF_TYPES:
         raise ExportError(f"GGUF type {qtype!r}: one of {', '.join(GGUF_TYPES)}")
     source = Path(source)
@@ -168,7 +191,9 @@ def write_gguf(path, params, config: LlamaConfig, source, *, qtype: str = "F32")
     reader = gguf.GGUFReader(str(source))
     if reader.fields["general.architecture"].contents() != "llama":
         raise ExportError(f"{source}: architecture {reader.fields['general.architecture'].contents()!r}, not llama")
-    plain = merged_weights(params)
+    plain = merged_weights(params, pairs)
+    keymap = gguf_key_map(config)
+    _check_all_written(plain, [p for p, _ in keymap.values()], "write_gguf")
     writer = gguf.GGUFWriter(str(path), "llama")
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
@@ -177,7 +202,7 @@ def write_gguf(path, params, config: LlamaConfig, source, *, qtype: str = "F32")
         writer.add_key_value(field.name, field.contents(), vtype,
                              sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
     writer.add_file_type(GGUF_TYPES[qtype][1])
-    for name, (tree_path, linear) in gguf_key_map(config).items():
+    for name, (tree_path, linear) in keymap.items():
         w = _leaf(plain, tree_path, "write_gguf").astype(np.float32)
         w = w.T if linear else w
         if name.endswith("attn_q.weight"):
