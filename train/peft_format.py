@@ -323,6 +323,38 @@ def read_peft(directory) -> tuple[dict, dict[str, np.ndarray]]:
     return cfg, tensors
 
 
+def _lora_node(mod: str, ab: dict, w, *, r: int, scale: float, dropout: float, dora: bool, dtype) -> LoRA:
+    """The node of HF module `mod` from its PEFT tensors `ab` on our kernel `w` (in, out)."""
+    A, B = ab["lora_A"], ab["lora_B"]
+    if A.shape != (r, w.shape[0]) or B.shape != (w.shape[1], r):
+        raise PeftFormatError(f"{mod}: lora_A {A.shape}, lora_B {B.shape} do not fit the kernel "
+                              f"{tuple(w.shape)} (in, out) at rank {r}")
+    mag = None
+    if dora:
+        mag = ab["lora_magnitude_vector"]
+        if mag.shape != (w.shape[1],):
+            raise PeftFormatError(f"{mod}: lora_magnitude_vector {mag.shape} does not fit the kernel's "
+                                  f"{w.shape[1]} outputs")
+        mag = jnp.asarray(mag, dtype)
+    return LoRA(w=w, a=jnp.asarray(A.T, dtype), b=jnp.asarray(B.T, dtype), scale=scale, roles="io",
+                dropout=dropout, m=mag)
+
+
+def _with_head(tree: dict, head: dict, mapping: Mapping) -> dict:
+    """`tree` with the saved head (``modules_to_save``) over its own."""
+    hname = mapping.head_module
+    if set(head) != {"weight", "bias"}:
+        raise PeftFormatError(f"{hname}: has {sorted(head)}, needs weight and bias")
+    if mapping.head not in tree:
+        raise PeftFormatError(f"the adapter saves a {hname} head but the tree has none")
+    hk = tree[mapping.head]["kernel"]
+    if head["weight"].T.shape != tuple(hk.shape):
+        raise PeftFormatError(f"{hname}.weight {head['weight'].shape} does not fit the head kernel "
+                              f"{tuple(hk.shape)} (num_classes differ?)")
+    tree = _set(tree, (mapping.head, "kernel"), jnp.asarray(head["weight"].T, hk.dtype))
+    return _set(tree, (mapping.head, "bias"), jnp.asarray(head["bias"], tree[mapping.head]["bias"].dtype))
+
+
 def import_peft(directory, params, config, *, dtype=None):
     """`params` (a plain `Classifier` or `Llama` tree, e.g. from `train.bert.init_classifier` or
     `train.llama.load`; `config` its `BertConfig` or `LlamaConfig`) with the PEFT adapter in
@@ -388,36 +420,12 @@ def import_peft(directory, params, config, *, dtype=None):
                                   + (" (build the Classifier with pooling='pooler')" if "pooler" in mod else ""))
         if is_lora(w):
             raise PeftFormatError(f"{'/'.join(path)} is already a LoRA node")
-        A, B = ab["lora_A"], ab["lora_B"]
-        r = int(_pattern_value(ranks, mod, r0))
-        if A.shape != (r, w.shape[0]) or B.shape != (w.shape[1], r):
-            raise PeftFormatError(f"{mod}: lora_A {A.shape}, lora_B {B.shape} do not fit the kernel "
-                                  f"{tuple(w.shape)} (in, out) at rank {r}")
-        alpha = float(_pattern_value(alphas, mod, alpha0))
-        scale = alpha / (math.sqrt(r) if rslora else r)
-        adt = dtype or jnp.float32
-        mag = None
-        if dora:
-            mag = ab["lora_magnitude_vector"]
-            if mag.shape != (w.shape[1],):
-                raise PeftFormatError(f"{mod}: lora_magnitude_vector {mag.shape} does not fit the kernel's "
-                                      f"{w.shape[1]} outputs")
-            mag = jnp.asarray(mag, adt)
-        node = LoRA(w=w, a=jnp.asarray(A.T, adt), b=jnp.asarray(B.T, adt), scale=scale, roles="io",
-                    dropout=dropout, m=mag)
+        r, alpha = int(_pattern_value(ranks, mod, r0)), float(_pattern_value(alphas, mod, alpha0))
+        node = _lora_node(mod, ab, w, r=r, scale=alpha / (math.sqrt(r) if rslora else r), dropout=dropout,
+                          dora=dora, dtype=dtype or jnp.float32)
         out = _set(out, path, node)
     if head:
-        hname = mapping.head_module
-        if set(head) != {"weight", "bias"}:
-            raise PeftFormatError(f"{hname}: has {sorted(head)}, needs weight and bias")
-        if mapping.head not in out:
-            raise PeftFormatError(f"the adapter saves a {hname} head but the tree has none")
-        hk = out[mapping.head]["kernel"]
-        if head["weight"].T.shape != tuple(hk.shape):
-            raise PeftFormatError(f"{hname}.weight {head['weight'].shape} does not fit the head kernel "
-                                  f"{tuple(hk.shape)} (num_classes differ?)")
-        out = _set(out, (mapping.head, "kernel"), jnp.asarray(head["weight"].T, hk.dtype))
-        out = _set(out, (mapping.head, "bias"), jnp.asarray(head["bias"], out[mapping.head]["bias"].dtype))
+        out = _with_head(out, head, mapping)
     return {"params": out} if wrapped else out
 
 
