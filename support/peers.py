@@ -5,9 +5,10 @@ batch, adapters) written once for both frameworks, and the JAX side's steps and 
 The peers live in their own virtual environment (``.venv-peers`` at the repository root, or
 ``$LORA_JAX_PEERS_VENV``), created by `ensure_venv` when missing: ``pip install torch==2.13.0``
 first (the CPU build this machine's pip takes from its local wheel; letting pip choose another
-version pulls a multi-GB CUDA build), then transformers, peft, lora-pro-adamw and safetensors with
-that torch pinned, and gguf (transformers' GGUF loader needs it). The PyTorch side runs there as a subprocess (support/peers_worker.py, one job
-per call with `run_worker`, or the timing server `Server`), the JAX side in this process; both
+version pulls a multi-GB CUDA build), then transformers, peft, lora-pro-adamw, safetensors and gguf
+(transformers' GGUF loader) with that torch pinned. The PyTorch side runs there as a subprocess
+(support/peers_worker.py, one job per call with `run_worker`, or the timing server `Server`), the
+JAX side in this process; both
 hold the same weights (written once as a HF state dict), the same batch (random token ids, no
 padding, random labels), rank, alpha and targets (every attention and FFN Linear:
 `train.bert.LORA_TARGETS`), the same adapters (``b`` set nonzero, so LoRA-Pro's algebra is
@@ -136,7 +137,6 @@ def make_case(kind: str, workdir: Path, *, batch: int = 16, seq: int = 64, rank:
     `dora`: DoRA nodes, ``m`` left at ``‖w‖`` (so with b ≠ 0 the magnitude is not the norm of the
     adapted weight, and the scale m/‖w + s·a@b‖ is exercised); the worker then needs ``dora=True``."""
     import jax
-    import jax.numpy as jnp
     from safetensors.numpy import save_file
 
     import lora_jax

@@ -18,7 +18,7 @@ import lora_jax
 from helpers import _lora_ab, _vdot, reference64, rel_err
 from lora_jax._compat import saved_residuals
 from lora_jax.node import LoRA
-from lora_jax.quant import NF4_CODEBOOK, Quantized, quantize
+from lora_jax.quant import NF4_CODEBOOK, quantize
 from train.gguf_blocks import from_gguf_blocks
 
 gguf = pytest.importorskip("gguf")
