@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from support import lr_grid
-from support.runs import mean_std, train_run, write_section
+from support.runs import load_runs, mean_std, train_run, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -139,6 +139,12 @@ def report(a) -> str:
             lines += ["", f"Full − LoRA: accuracy {acc['gap']:+.4f} (se {acc['gap_se']:.4f}), loss "
                       f"{loss['gap']:+.4f} (se {loss['gap_se']:.4f})."]
         lines.append("")
+    every = [r for ds in a.datasets for r in load_runs(Path(a.out) / ds)]
+    wall = sum(r.get("run_wall_s") or 0.0 for r in every)
+    js["runs"], js["run_wall_s_total"] = len(every), wall
+    lines += [f"Budget: {len(every)} runs, {wall / 60:.0f} min of their processes' wall time in all (start-up, "
+              f"data, compilation, training and evaluation; resumed runs count their last process only), "
+              f"on {__import__('os').cpu_count()} CPU cores.", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "method_table.json").write_text(json.dumps(js, indent=1))
     text = "\n".join(lines)
