@@ -172,8 +172,11 @@ def test_d_merged_qwix_weights_give_the_same_logits():
     nnx.update(plain, merged)
     assert not nnx.state(plain, nnx.LoRAParam)
     want, got = lm(tokens), plain(tokens)
-    print(f"(d) merged Qwix logits: max abs diff {float(jnp.abs(got - want).max()):.2e}")
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    print(f"(d) merged Qwix logits: max abs diff {float(jnp.abs(got - want).max()):.2e}, relative to max |logit| {err:.1e}")
+    # relative to the logits' scale (up to ~17 here): float32 rounding of x@(w + s·a@b) against
+    # x@w + s·(x@a)@b, which an elementwise rtol misreads on logits near 0 (2e-5 at 0.1 on AMD EPYC)
+    assert err < 1e-5
     assert float(jnp.abs(base(tokens) - want).max()) > 1e-2  # the adapters really change the model
 
 
