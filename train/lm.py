@@ -62,6 +62,12 @@ where each weight is used, in the forward and again in the backward; evaluation 
 and ``step_memory_bytes`` (the compiled train step's ``memory_analysis()``: argument, output, temp,
 generated code), beside ``sec_per_step``.
 
+Exports at the end of training (README, "Serving what you trained"): ``--export-peft DIR`` (a PEFT
+adapter for transformers' ``LlamaForCausalLM``, `train.peft_format`; LoRA methods and DoRA with the
+original base, so not after ``--init pissa/olora/lora-ga``), ``--export-merged DIR`` (a Hugging Face
+directory, ``--export-dtype``) and ``--export-gguf FILE`` (``--gguf-type`` F32/F16/Q8_0; the source
+must be a GGUF, whose tokenizer metadata is carried over): `train.lm_export`.
+
 This module is the language-modelling `train.task.Task`; outputs, ``--resume`` and the checks of
 the input are `train.task`'s, as for `train.classify`:
 ``--out/<method>-s<seed>/{metrics.jsonl, ckpt/, config.json, summary.json, samples.jsonl}`` and
