@@ -171,6 +171,18 @@ def peers_python_with_gguf() -> Path:
     return py
 
 
+def run_torch_side(script: Path, py: Path, work: Path, spec: dict, threads: int):
+    """Run `script` ``--torch-side SPEC`` with the peers' `py` (`spec` written to ``work/spec.json``);
+    returns what it left in `work`: ``torch.json`` (parsed) and ``torch_logits.npz`` (loaded)."""
+    (work / "spec.json").write_text(json.dumps(spec))
+    r = subprocess.run([str(py), str(Path(script).resolve()), "--torch-side", str(work / "spec.json")],
+                       capture_output=True, text=True,
+                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)})
+    if r.returncode != 0:
+        raise RuntimeError(f"torch side failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads((work / "torch.json").read_text()), np.load(work / "torch_logits.npz")
+
+
 def run(workdir: Path | None = None, *, threads: int = 2, verbose: bool = True) -> dict:
     """Run both sides and return the figures (see the module docstring)."""
     import jax.numpy as jnp
@@ -187,16 +199,9 @@ def run(workdir: Path | None = None, *, threads: int = 2, verbose: bool = True) 
     strings = varied_strings()
     spec = {"gguf": str(gguf_path), "out": str(work), "strings": strings, "chats": CHATS,
             "prompts": LOGIT_PROMPTS, "gen_tokens": GEN_TOKENS, "threads": threads}
-    (work / "spec.json").write_text(json.dumps(spec))
     say("torch side: transformers from the GGUF …")
     t0 = time.time()
-    r = subprocess.run([str(py), str(Path(__file__).resolve()), "--torch-side", str(work / "spec.json")],
-                       capture_output=True, text=True,
-                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)})
-    if r.returncode != 0:
-        raise RuntimeError(f"torch side failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    theirs = json.loads((work / "torch.json").read_text())
-    their_logits = np.load(work / "torch_logits.npz")
+    theirs, their_logits = run_torch_side(Path(__file__), py, work, spec, threads)
     say(f"torch side done in {time.time() - t0:.0f} s; JAX side …")
 
     res: dict = {"gguf": str(gguf_path), "versions": theirs["versions"]}

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -152,7 +150,7 @@ def run(workdir: Path | None = None, threads: int = 2, verbose: bool = True) -> 
     import jax.numpy as jnp
 
     import lora_jax
-    from support.llama_crosscheck import peers_python_with_gguf
+    from support.llama_crosscheck import peers_python_with_gguf, run_torch_side
     from train import arith, lm, llama, lm_export, peft_format
     from train.assets import smollm2_gguf
 
@@ -179,16 +177,9 @@ def run(workdir: Path | None = None, threads: int = 2, verbose: bool = True) -> 
             "peft_dir": summary["peft_dir"], "merged_dir": summary["merged_dir"], "gguf_f32": summary["gguf_file"],
             "gguf_q8": str(work / "merged-q8_0.gguf"), "train_batch": train_batch,
             "peft_trained_dir": str(work / "peft-trained")}
-    (work / "spec.json").write_text(json.dumps(spec))
     say("torch side: PEFT, the merged HF directory, the merged GGUFs, a PEFT-trained adapter …")
     t1 = time.time()
-    r = subprocess.run([str(py), str(Path(__file__).resolve()), "--torch-side", str(work / "spec.json")],
-                       capture_output=True, text=True,
-                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)})
-    if r.returncode != 0:
-        raise RuntimeError(f"torch side failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    theirs = json.loads((work / "torch.json").read_text())
-    tl = np.load(work / "torch_logits.npz")
+    theirs, tl = run_torch_side(Path(__file__), py, work, spec, threads)
     say(f"torch side done in {time.time() - t1:.0f} s")
 
     def logits_of(params):

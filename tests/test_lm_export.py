@@ -21,6 +21,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 import lora_jax  # noqa: E402
+from helpers import merged_weight_np, randomize_adapters  # noqa: E402
 from test_llama import DIMS, llama_cpp_permute, oracle_logits, train_tiny_bpe, write_tiny_gguf  # noqa: E402
 from train import llama, lm_export, peft_format  # noqa: E402
 
@@ -36,19 +37,14 @@ def tiny(tmp_path_factory):
 
 
 def adapted(params, *, rank=4, dora=False, seed=1, targets=llama.LORA_TARGETS):
-    """LoRA (or DoRA) on `targets` with b nonzero (as after some steps)."""
+    """LoRA (or DoRA) on `targets` with random a, b (b nonzero, as after some steps) and, for DoRA,
+    magnitudes moved off their init."""
     tree = lora_jax.apply(params, rank=rank, alpha=2.0 * rank, targets=targets, key=jax.random.key(seed), dora=dora)
-    leaves, tdef = jax.tree.flatten(tree, is_leaf=lora_jax.is_lora)
+    tree = randomize_adapters(tree, jax.random.key(seed + 100), std=0.1)
     rng = np.random.default_rng(seed)
-    out = []
-    for leaf in leaves:
-        if lora_jax.is_lora(leaf):
-            leaf = dataclasses.replace(leaf, b=jnp.asarray(0.1 * rng.standard_normal(leaf.b.shape), leaf.b.dtype))
-            if leaf.m is not None:
-                leaf = dataclasses.replace(leaf, m=leaf.m * jnp.asarray(1 + 0.1 * rng.standard_normal(leaf.m.shape),
-                                                                        leaf.m.dtype))
-        out.append(leaf)
-    return jax.tree.unflatten(tdef, out)
+    return jax.tree.map(lambda x: dataclasses.replace(x, m=x.m * jnp.asarray(1 + 0.1 * rng.standard_normal(x.m.shape),
+                                                                             x.m.dtype))
+                        if lora_jax.is_lora(x) and x.m is not None else x, tree, is_leaf=lora_jax.is_lora)
 
 
 def merged64(tree, config) -> dict:
@@ -59,8 +55,7 @@ def merged64(tree, config) -> dict:
         for p in path:
             node = node[p]
         if lora_jax.is_lora(node):
-            w, a, b = (np.asarray(x, np.float64) for x in (node.w, node.a, node.b))
-            v = w + node.scale * a @ b
+            v = merged_weight_np(node)
             if node.m is not None:
                 v = np.asarray(node.m, np.float64) * v / np.linalg.norm(v, axis=0)
             x = v
